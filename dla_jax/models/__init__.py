@@ -1,0 +1,58 @@
+"""Model families: plain ResNet, MRLA-light, DLA-L and DLA-B, CIFAR and ImageNet layouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dla_jax.models.resnet import LAYOUTS, ResNet, stage_sizes
+from dla_jax.models.stages import DSU_CONTEXTS, FAMILIES, stack_blocks, unstack_blocks
+
+__all__ = ["FAMILIES", "LAYOUTS", "DSU_CONTEXTS", "create_model", "validate_depth", "stack_blocks", "unstack_blocks"]
+
+
+def validate_depth(layout: str, depth: int) -> None:
+    """Raise ValueError naming the allowed depths if `depth` does not fit `layout`."""
+    stage_sizes(layout, depth)
+
+
+def create_model(
+    family: str,
+    *,
+    layout: str,
+    depth: int,
+    num_classes: int,
+    dsu_context: str = "per_sample",
+    drop_path: float = 0.0,
+    dtype: Any = jnp.float32,
+    scan_blocks: bool = True,
+) -> nn.Module:
+    """Build a ResNet of `family` ("resnet", "mrla_l", "dla_l", "dla_b").
+
+    `dsu_context="first_sample"` reproduces the official code's refresh, which uses
+    sample 0's DSU context for the whole batch; "per_sample" refreshes each sample with
+    its own. `scan_blocks=False` unrolls the stages (tree layout: see `unstack_blocks`).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is unknown: use one of {list(FAMILIES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown: use one of {sorted(LAYOUTS)}")
+    validate_depth(layout, depth)
+    if dsu_context not in DSU_CONTEXTS:
+        raise ValueError(f"dsu_context={dsu_context!r} is unknown: use one of {list(DSU_CONTEXTS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be at least 1")
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
+    return ResNet(
+        family=family,
+        layout=layout,
+        depth=depth,
+        num_classes=num_classes,
+        dsu_context=dsu_context,
+        drop_path=drop_path,
+        dtype=jnp.dtype(dtype),
+        scan_blocks=scan_blocks,
+    )

@@ -1,0 +1,72 @@
+"""Layer attention: the query/key/value projections and the two ways of combining them.
+
+Light (MRLA-light, DLA-L) gates the current block's value with a per-head sigmoid of
+q·k; softmax (DLA-B) attends over the values of every earlier block of the stage.
+Heads are contiguous groups of 32 channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dla_jax.models.layers import depthwise_conv3x3, depthwise_kernel_init, global_avg_pool, torch_default_uniform
+
+HEAD_DIM = 32
+
+
+def attention_kernel_size(channels: int) -> int:
+    """ECA-style adaptive kernel of the channel conv1d: odd, from log2(C)."""
+    t = int((math.log2(channels) + 1) / 2)
+    return t if t % 2 else t + 1
+
+
+def channel_conv1d(y: jax.Array, kernel: jax.Array) -> jax.Array:
+    """torch's Conv1d(1, 1, k, padding=(k-1)/2) run along the channel axis of [B, C]."""
+    size = kernel.shape[0]
+    pad = (size - 1) // 2
+    channels = y.shape[-1]
+    padded = jnp.pad(y, ((0, 0), (pad, pad)))
+    return sum(kernel[i] * padded[:, i : i + channels] for i in range(size))
+
+
+def head_scores(query: jax.Array, key: jax.Array) -> jax.Array:
+    """Scaled per-head dot products: [..., C] x [..., C] -> [..., C / 32]."""
+    product = query * key
+    product = product.reshape(product.shape[:-1] + (-1, HEAD_DIM))
+    return jnp.sum(product, axis=-1) / math.sqrt(HEAD_DIM)
+
+
+def expand_heads(weights: jax.Array) -> jax.Array:
+    """Per-head weights [..., G] -> per-channel [..., G * 32]."""
+    return jnp.repeat(weights, HEAD_DIM, axis=-1)
+
+
+class Projections(nn.Module):
+    """q and k from the pooled input by channel conv1d, v by a depthwise 3x3 conv.
+
+    Returns q, k as float32 [B, C] and v as [B, H, W, C] in the compute dtype.
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        channels = x.shape[-1]
+        size = attention_kernel_size(channels)
+        query_kernel = self.param("query", torch_default_uniform(size), (size,), jnp.float32)
+        key_kernel = self.param("key", torch_default_uniform(size), (size,), jnp.float32)
+        value_kernel = self.param("value", depthwise_kernel_init, (3, 3, 1, channels), jnp.float32)
+        pooled = global_avg_pool(x)
+        value = depthwise_conv3x3(x.astype(self.dtype), value_kernel)
+        return channel_conv1d(pooled, query_kernel), channel_conv1d(pooled, key_kernel), value
+
+
+def light_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MRLA-light: value gated per head by sigmoid(q·k / sqrt(32)). Returns (out, gates)."""
+    gates = nn.sigmoid(head_scores(query, key))
+    return value * expand_heads(gates).astype(value.dtype)[:, None, None, :], gates

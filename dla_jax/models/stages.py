@@ -1,0 +1,212 @@
+"""A stage: its blocks, their layer attention, and the stage's DSU.
+
+Block 0 changes the shape and runs on its own; blocks 1..n-1 share shapes and run under
+one `nn.scan`, so compile time does not grow with depth. The scan carries the stage's
+running state: the activations, the DSU context (h, c) of the forward context path and,
+for DLA-B, a fixed-size key/value cache with a fill index (a static carry shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dla_jax.models.blocks import EXPANSION, Bottleneck
+from dla_jax.models.dsu import apply_dsu, init_dsu_params, refresh_context, zero_context
+from dla_jax.models.layer_attention import Projections, expand_heads, head_scores, light_attention
+from dla_jax.models.layers import BatchNorm, DropPath, depthwise_conv3x3, depthwise_kernel_init, global_avg_pool
+
+FAMILIES = ("resnet", "mrla_l", "dla_l", "dla_b")
+DSU_CONTEXTS = ("per_sample", "first_sample")
+SCANNED_BLOCKS = "blocks"
+
+
+class Unit(nn.Module):
+    """One block and its layer attention: the body of the stage's scan.
+
+    `carry` holds "x" and, per family, "context" (DSU h, c) and "cache"/"index" (DLA-B).
+    `shared` holds the stage's DSU (and DLA-L's depthwise conv) parameters.
+    """
+
+    family: str
+    planes: int
+    stride: int
+    project: bool
+    reduction: int
+    zero_init_last_bn: bool
+    drop_path: float
+    dsu_context: str
+    train: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry: dict, shared: dict) -> tuple[dict, None]:
+        out, shortcut = Bottleneck(
+            self.planes, self.stride, self.project, self.zero_init_last_bn, self.dtype, name="bottleneck"
+        )(carry["x"], self.train)
+        if self.family == "resnet":
+            return {"x": out}, None
+        carry = dict(carry)
+        query, key, value = Projections(self.dtype, name="layer_attention")(out)
+        if self.family == "dla_b":
+            branch = self._softmax_over_stage(carry, shared, out, query, key, value)
+        else:
+            branch = self._light_with_previous(carry, shared, out, shortcut, query, key, value)
+        carry["x"] = out + DropPath(self.drop_path)(branch, self.train)
+        return carry, None
+
+    def _dsu(self, shared: dict, y: jax.Array, context: tuple[jax.Array, jax.Array]):
+        return apply_dsu(shared["dsu"], y.shape[-1], self.reduction, y, context)
+
+    def _light_with_previous(self, carry, shared, out, shortcut, query, key, value) -> jax.Array:
+        """MRLA-light / DLA-L: BN(light attention + λ ⊙ previous output).
+
+        DLA-L first refreshes the previous output (the shortcut) with a DSU gate computed
+        from the updated stage context, then adds the stage's depthwise conv of it.
+        """
+        previous = shortcut
+        if self.family == "dla_l":
+            carry["context"] = self._dsu(shared, global_avg_pool(out), carry["context"])
+            context = refresh_context(carry["context"], self.dsu_context)
+            gate, _ = self._dsu(shared, global_avg_pool(shortcut), context)
+            previous = shortcut * gate.astype(self.dtype)[:, None, None, :] + depthwise_conv3x3(
+                shortcut, shared["excite"]
+            )
+        attended, gates = light_attention(query, key, value)
+        self.sow("intermediates", "gates", gates)
+        lam = self.param("lambda", nn.initializers.normal(1.0), (out.shape[-1],), jnp.float32)
+        return BatchNorm(dtype=self.dtype, name="attention_bn")(attended + lam.astype(self.dtype) * previous, self.train)
+
+    def _softmax_over_stage(self, carry, shared, out, query, key, value) -> jax.Array:
+        """DLA-B: refresh the cache with the new context, append this block, attend over it.
+
+        A cached value is stored raw with a per-channel scale: refreshing V_t ⊙ d equals
+        scaling, and GAP(V_t ⊙ s) = GAP(V_t) ⊙ s, so a refresh never touches the [H, W]
+        maps; they are read once, in the weighted sum.
+        """
+        carry["context"] = self._dsu(shared, global_avg_pool(out), carry["context"])
+        context = refresh_context(carry["context"], self.dsu_context)
+        cache, index = dict(carry["cache"]), carry["index"]
+
+        def refresh(cached_key, value_mean, value_scale):
+            cached_key = cached_key * self._dsu(shared, cached_key, context)[0]
+            value_scale = value_scale * self._dsu(shared, value_mean * value_scale, context)[0]
+            return cached_key, value_scale
+
+        cache["keys"], cache["value_scales"] = jax.vmap(refresh)(
+            cache["keys"], cache["value_means"], cache["value_scales"]
+        )
+        entries = {"keys": key, "value_means": global_avg_pool(value), "value_scales": jnp.ones_like(key), "values": value}
+        for name, entry in entries.items():
+            cache[name] = jax.lax.dynamic_update_index_in_dim(cache[name], entry.astype(cache[name].dtype), index, 0)
+        capacity = cache["keys"].shape[0]
+        scores = head_scores(query[None], cache["keys"])
+        filled = (jnp.arange(capacity) <= index)[:, None, None]
+        weights = jax.nn.softmax(jnp.where(filled, scores, -jnp.inf), axis=0)
+        self.sow("intermediates", "attention", weights)
+        channel_weights = (expand_heads(weights) * cache["value_scales"]).astype(self.dtype)
+        attended = jnp.einsum("tbc,tbhwc->bhwc", channel_weights, cache["values"])
+        carry["cache"], carry["index"] = cache, index + 1
+        return nn.relu(BatchNorm(dtype=self.dtype, name="attention_bn")(attended, self.train))
+
+
+class Stage(nn.Module):
+    """n bottleneck units at one resolution, sharing one DSU (and, for DLA-L, one conv)."""
+
+    family: str
+    num_blocks: int
+    planes: int
+    stride: int
+    reduction: int
+    zero_init_last_bn: bool
+    drop_path: float
+    dsu_context: str
+    scan_blocks: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        width = self.planes * EXPANSION
+        shared = {}
+        if self.family in ("dla_l", "dla_b"):
+            shared["dsu"] = self.param("dsu", init_dsu_params, width, self.reduction)
+        if self.family == "dla_l":
+            shared["excite"] = self.param("excite", depthwise_kernel_init, (3, 3, 1, width), jnp.float32)
+        shape_free = dict(
+            family=self.family,
+            planes=self.planes,
+            reduction=self.reduction,
+            zero_init_last_bn=self.zero_init_last_bn,
+            drop_path=self.drop_path,
+            dsu_context=self.dsu_context,
+            train=train,
+            dtype=self.dtype,
+        )
+        carry = self._initial_carry(x, width)
+        carry, _ = Unit(stride=self.stride, project=True, name="block_0", **shape_free)(carry, shared)
+        rest = self.num_blocks - 1
+        if rest and self.scan_blocks:
+            scanned_unit = nn.scan(
+                Unit,
+                # Each block has its own weights and BN statistics (and attention maps to plot).
+                variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
+                # Each block needs its own init and its own DropPath mask.
+                split_rngs={"params": True, "drop_path": True},
+                # The stage's DSU/excite parameters are shared by every block, not stacked.
+                in_axes=nn.broadcast,
+                length=rest,
+            )
+            carry, _ = scanned_unit(stride=1, project=False, name=SCANNED_BLOCKS, **shape_free)(carry, shared)
+        else:
+            for j in range(1, self.num_blocks):
+                carry, _ = Unit(stride=1, project=False, name=f"block_{j}", **shape_free)(carry, shared)
+        return carry["x"]
+
+    def _initial_carry(self, x: jax.Array, width: int) -> dict:
+        """Zeros for the DSU context and an empty DLA-B cache sized for this stage."""
+        if self.family in ("resnet", "mrla_l"):
+            return {"x": x}
+        batch = x.shape[0]
+        carry = {"x": x, "context": zero_context(batch, width)}
+        if self.family == "dla_b":
+            height, width_px = ((x.shape[1] - 1) // self.stride + 1, (x.shape[2] - 1) // self.stride + 1)
+            vectors = jnp.zeros((self.num_blocks, batch, width), jnp.float32)
+            carry["cache"] = {
+                "keys": vectors,
+                "value_means": vectors,
+                "value_scales": jnp.ones_like(vectors),
+                "values": jnp.zeros((self.num_blocks, batch, height, width_px, width), self.dtype),
+            }
+            carry["index"] = jnp.zeros((), jnp.int32)
+        return carry
+
+
+def unstack_blocks(tree: dict) -> dict:
+    """Map a scanned variable tree to the unrolled layout (`blocks`[j-1] -> `block_{j}`)."""
+    result = {}
+    for name, value in tree.items():
+        if name == SCANNED_BLOCKS:
+            count = jax.tree.leaves(value)[0].shape[0]
+            for j in range(count):
+                result[f"block_{j + 1}"] = jax.tree.map(lambda leaf, j=j: leaf[j], value)
+        elif isinstance(value, dict) and name != "dsu":
+            result[name] = unstack_blocks(value)
+        else:
+            result[name] = value
+    return result
+
+
+def stack_blocks(tree: dict) -> dict:
+    """Map an unrolled variable tree to the scanned layout (inverse of `unstack_blocks`)."""
+    result = {}
+    rest = sorted((k for k in tree if k.startswith("block_") and k != "block_0"), key=lambda k: int(k[6:]))
+    for name, value in tree.items():
+        if name in rest:
+            continue
+        result[name] = stack_blocks(value) if isinstance(value, dict) and name != "dsu" else value
+    if rest:
+        result[SCANNED_BLOCKS] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(tree[k] for k in rest))
+    return result
