@@ -76,8 +76,8 @@ def launch(command: list[str], num_processes: int, devices_per_process: int) -> 
         thread.start()
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        while None in (codes := [p.poll() for p in procs]):  # a list, so every process is polled
+            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 index, status = failed[0]
                 print(f"[launch_local] process {index} exited with {status}; stopping the others.",
