@@ -97,9 +97,16 @@ def initialize_distributed(
         environment = _cluster_environment()
         if environment is None:
             return
-        print(f"[dla_jax] {environment} detected; initialising jax.distributed "
-              f"(timeout {timeout_s} s).", file=sys.stderr, flush=True)
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+        print(f"[dla_jax] {environment} detected; initialising jax.distributed (timeout {timeout_s} s; "
+              "an abort with DEADLINE_EXCEEDED means some process of the job did not start).",
+              file=sys.stderr, flush=True)
+        try:
+            jax.distributed.initialize(initialization_timeout=timeout_s)
+        except ValueError as err:  # e.g. python started inside an allocation without srun/mpirun
+            raise RuntimeError(
+                f"{environment} detected but jax could not configure the processes ({err}). Start one "
+                f"process per task with the launcher (srun, mpirun, gcloud ... --worker=all), or pass {_FLAGS_HINT}."
+            ) from err
         return
     if any(arg is None for arg in explicit):
         raise ValueError(

@@ -106,6 +106,8 @@ def test_describe_shardings_lists_paths_shapes_specs():
     assert "(3, 3, 64, 128)" in table
     assert "P(None, None, None, 'fsdp')" in table
     assert table.splitlines()[-1] == "7 arrays: 3 sharded over fsdp, 4 replicated."
+    without_shapes = parallel.describe_shardings(parallel.state_shardings(mesh, abstract))
+    assert any(line.split()[:2] == ["params/conv/kernel", "?"] for line in without_shapes.splitlines())
 
 
 class TinyNet(nn.Module):
