@@ -10,7 +10,16 @@ import jax.numpy as jnp
 from dla_jax.models.resnet import LAYOUTS, ResNet, stage_sizes
 from dla_jax.models.stages import DSU_CONTEXTS, FAMILIES, stack_blocks, unstack_blocks
 
-__all__ = ["FAMILIES", "LAYOUTS", "DSU_CONTEXTS", "create_model", "validate_depth", "stack_blocks", "unstack_blocks"]
+__all__ = [
+    "FAMILIES",
+    "LAYOUTS",
+    "DSU_CONTEXTS",
+    "create_model",
+    "validate_depth",
+    "stage_sizes",
+    "stack_blocks",
+    "unstack_blocks",
+]
 
 
 def validate_depth(layout: str, depth: int) -> None:

@@ -1,0 +1,192 @@
+"""Official PyTorch checkpoints -> dla_jax variables.
+
+The official code names its modules differently per family and layout (see the spec's
+"State-dict names"); this module knows every scheme, checks the whole state dict before
+using any of it, and reports every missing, unexpected and wrongly shaped name at once.
+
+    python -m dla_jax.convert --torch-checkpoint FILE --family dla_l --layout cifar \
+        --depth 110 --num-classes 100 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dla_jax.models import stack_blocks, stage_sizes
+
+Transform = Callable[[np.ndarray], np.ndarray]
+IGNORED_SUFFIX = ".num_batches_tracked"
+
+
+class StateDictMismatch(ValueError):
+    """The state dict does not fit the model; the message lists every problem."""
+
+
+def _conv(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO (depthwise [C,1,3,3] -> [3,3,1,C])
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w)  # (out, in) -> (in, out)
+
+
+def _flat(w: np.ndarray) -> np.ndarray:
+    return np.reshape(w, (-1,))  # Conv1d [1,1,k] and lambda [C,1,1] -> vectors
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _bn(official: str, ours: tuple[str, ...]) -> Iterator[tuple[str, str, tuple[str, ...], Transform]]:
+    yield f"{official}.weight", "params", ours + ("scale",), _same
+    yield f"{official}.bias", "params", ours + ("bias",), _same
+    yield f"{official}.running_mean", "batch_stats", ours + ("mean",), _same
+    yield f"{official}.running_var", "batch_stats", ours + ("var",), _same
+
+
+def _bottleneck(official: str, ours: tuple[str, ...], project: bool):
+    ours = ours + ("bottleneck",)
+    for i in (1, 2, 3):
+        yield f"{official}.conv{i}.weight", "params", ours + (f"conv{i}", "kernel"), _conv
+        yield from _bn(f"{official}.bn{i}", ours + (f"bn{i}",))
+    if project:
+        yield f"{official}.downsample.0.weight", "params", ours + ("downsample_conv", "kernel"), _conv
+        yield from _bn(f"{official}.downsample.1", ours + ("downsample_bn",))
+
+
+def _attention(projections: str, lam: str | None, bn: str, ours: tuple[str, ...]):
+    for official, name, transform in (("Wq", "query", _flat), ("Wk", "key", _flat), ("Wv", "value", _conv)):
+        yield f"{projections}.{official}.weight", "params", ours + ("layer_attention", name), transform
+    if lam is not None:
+        yield lam, "params", ours + ("lambda",), _flat
+    yield from _bn(bn, ours + ("attention_bn",))
+
+
+def _dsu(official: str, ours: tuple[str, ...]):
+    for cell in ("w_ih", "w_hh"):
+        for index, layer in ((0, "reduce"), (2, "expand")):
+            path = ours + ("dsu", cell, layer, "linear")
+            yield f"{official}.{cell}.0.seq.{index}.weight", "params", path + ("kernel",), _linear
+            yield f"{official}.{cell}.0.seq.{index}.bias", "params", path + ("bias",), _same
+
+
+def official_names(family: str, layout: str, depth: int) -> Iterator[tuple[str, str, tuple[str, ...], Transform]]:
+    """(official name, collection, our path in the unrolled layout, array transform)."""
+    yield "conv1.weight", "params", ("stem_conv", "kernel"), _conv
+    yield from _bn("bn1", ("stem_bn",))
+    per_stage_modules = family in ("dla_l", "dla_b")
+    for s, blocks in enumerate(stage_sizes(layout, depth)):
+        stage = f"stages.{s}" if layout == "cifar" and per_stage_modules else f"layer{s + 1}"
+        ours_stage = (f"stage_{s}",)
+        for j in range(blocks):
+            ours = ours_stage + (f"block_{j}",)
+            block = f"{stage}.layers.{j}" if per_stage_modules else f"{stage}.{j}"
+            yield from _bottleneck(block, ours, project=j == 0)
+            if family == "mrla_l":
+                yield from _attention(f"{block}.mrla.mrla", f"{block}.mrla.lambda_t", f"{block}.bn_mrla", ours)
+            elif per_stage_modules:
+                attention = f"{stage}.attention.{j}"
+                inner = "layer_attention" if layout == "cifar" else "mrla"
+                lam = f"{attention}.layer_attention.lambda_t" if family == "dla_l" else None
+                yield from _attention(f"{attention}.layer_attention.{inner}", lam, f"{attention}.bn_layer_attention", ours)
+        if per_stage_modules:
+            yield from _dsu(f"{stage}.lstm", ours_stage)
+        if family == "dla_l":
+            excite = "excite" if layout == "cifar" else "extict"
+            yield f"{stage}.{excite}.weight", "params", ours_stage + ("excite",), _conv
+    yield "fc.weight", "params", ("head", "linear", "kernel"), _linear
+    yield "fc.bias", "params", ("head", "linear", "bias"), _same
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def from_torch_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict:
+    """Official state dict (numpy arrays or torch tensors) -> {"params", "batch_stats"}.
+
+    `model` is a `create_model(...)` module; its family, layout and depth choose the
+    naming scheme, and its `scan_blocks` the tree layout of the result. Raises
+    StateDictMismatch listing every missing, unexpected and wrongly shaped name.
+    """
+    sample = jnp.zeros((1, 32, 32, 3) if model.layout == "cifar" else (1, 224, 224, 3), jnp.float32)
+    unrolled = model.clone(scan_blocks=False)
+    expected = jax.eval_shape(lambda: unrolled.init(jax.random.key(0), sample))
+    state = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIX)}
+    variables: dict = {"params": {}, "batch_stats": {}}
+    missing, wrong_shape, used = [], [], set()
+    for official, collection, path, transform in official_names(model.family, model.layout, model.depth):
+        if official not in state:
+            missing.append(official)
+            continue
+        used.add(official)
+        value = transform(_to_numpy(state[official]).astype(np.float32))
+        want = _get(expected[collection], path).shape
+        if value.shape != tuple(want):
+            wrong_shape.append(f"{official}: got {tuple(_to_numpy(state[official]).shape)}, expected {_untransformed_hint(want, transform)}")
+            continue
+        _set(variables[collection], path, value)
+    unexpected = sorted(set(state) - used)
+    if missing or unexpected or wrong_shape:
+        lines = [f"state dict does not fit {model.family} / {model.layout} / depth {model.depth} / {model.num_classes} classes:"]
+        for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if names:
+                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+        raise StateDictMismatch("\n".join(lines))
+    variables = jax.tree.map(jnp.asarray, variables)
+    return {name: stack_blocks(tree) for name, tree in variables.items()} if model.scan_blocks else variables
+
+
+def _untransformed_hint(shape: tuple[int, ...], transform: Transform) -> str:
+    """The official-layout shape that would have fit, for the error message."""
+    if transform is _conv:
+        return str((shape[3], shape[2], shape[0], shape[1]))
+    if transform is _linear:
+        return str(tuple(reversed(shape)))
+    return f"{tuple(shape)} elements" if transform is _flat else str(tuple(shape))
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Read an official checkpoint: .pth/.pth.tar (needs torch) or .npz (plain or `sd/` keys)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--torch-checkpoint {path}: no such file")
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            names = list(data.keys())
+            prefixed = [n for n in names if n.startswith("sd/")]
+            if prefixed:
+                return {n[3:]: data[n] for n in prefixed}
+            return {n: data[n] for n in names}
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path} needs PyTorch: pip install 'dla_jax[torch]' (or save the state dict as .npz)"
+        ) from error
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    return {name.removeprefix("module."): value.numpy() for name, value in checkpoint.items()}
