@@ -58,8 +58,14 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. from `timeout` or a scheduler) stops the children like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def launch(command: list[str], num_processes: int, devices_per_process: int) -> int:
     """Starts the processes, waits for all, returns 0 or the first failure's exit status."""
+    signal.signal(signal.SIGTERM, _interrupt)
     address = f"127.0.0.1:{free_port()}"
     env = child_env(devices_per_process)
     procs = [
