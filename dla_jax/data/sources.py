@@ -17,6 +17,8 @@ Sources, chosen by ``data_config.source``:
   (prefix = the split name, or ``t10k`` for ``"test"``, as in MNIST / Fashion-MNIST); else
   ``{split}.npz`` with keys ``image``/``label`` (or ``images``/``labels``, ``x``/``y``);
   else any ``*.npz`` in the directory with ``x_{split}``/``y_{split}`` (Keras style).
+  Debian's ``dataset-fashion-mnist`` package installs exactly such IDX files
+  (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``) in /usr/share/datasets/fashion-mnist.
 """
 
 from __future__ import annotations
