@@ -178,21 +178,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Splits the largest dimension divisible by `fsdp` (ties: the later one) over "fsdp"."""
+    """Splits the largest dimension divisible by `fsdp` (ties: the later one) over "fsdp".
+
+    The trailing two (feature: in, out) dimensions are preferred: leading ones are
+    the scanned-blocks stack or conv taps, and splitting the scan stack would make
+    the compiler gather the whole stack instead of one block's weights per step.
+    """
     if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
         return P()
     candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
     if not candidates:
         return P()
-    _, axis = max(candidates)
+    features = [(size, axis) for size, axis in candidates if axis >= len(shape) - 2]
+    _, axis = max(features or candidates)
     return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
 
 
 def state_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
     """The FSDP rule for a state pytree (params, batch_stats, optimizer state, step).
 
-    Leaves with at least FSDP_MIN_SIZE elements get their largest dimension
-    divisible by mesh.shape["fsdp"] split over "fsdp"; everything else (and
+    Leaves with at least FSDP_MIN_SIZE elements get their largest feature (else
+    any) dimension divisible by mesh.shape["fsdp"] split over "fsdp"; everything else (and
     everything when fsdp == 1) is replicated. Optimizer moments mirror their
     params, so they get the same layout.
     """

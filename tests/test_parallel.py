@@ -67,6 +67,8 @@ def abstract_state() -> dict:
             "odd": {"kernel": sds((129, 255), jnp.float32)},
             "square": {"kernel": sds((256, 256), jnp.float32)},
             "small": {"kernel": sds((3, 3, 16, 16), jnp.float32)},
+            "scanned": {"kernel": sds((18, 3, 3, 16, 16), jnp.float32)},  # blocks stacked by nn.scan
+            "taps": {"kernel": sds((64, 3, 3, 63, 127), jnp.float32)},  # no feature dim divisible
         },
         "step": sds((), jnp.int32),
     }
@@ -82,6 +84,8 @@ def test_state_shardings_fsdp_splits_large_leaves():
     assert params["square"]["kernel"].spec == P(None, "fsdp")  # ties go to the later dimension
     assert params["odd"]["kernel"].spec == P()  # nothing divisible by 2
     assert params["small"]["kernel"].spec == P()  # below FSDP_MIN_SIZE
+    assert params["scanned"]["kernel"].spec == P(None, None, None, None, "fsdp")  # never the scan axis
+    assert params["taps"]["kernel"].spec == P("fsdp", None, None, None, None)
     assert params["conv"]["bias"].spec == P()
     assert shardings["step"].spec == P()
 
@@ -105,7 +109,7 @@ def test_describe_shardings_lists_paths_shapes_specs():
     assert "params/conv/kernel" in table
     assert "(3, 3, 64, 128)" in table
     assert "P(None, None, None, 'fsdp')" in table
-    assert table.splitlines()[-1] == "7 arrays: 3 sharded over fsdp, 4 replicated."
+    assert table.splitlines()[-1] == "9 arrays: 5 sharded over fsdp, 4 replicated."
     without_shapes = parallel.describe_shardings(parallel.state_shardings(mesh, abstract))
     assert any(line.split()[:2] == ["params/conv/kernel", "?"] for line in without_shapes.splitlines())
 
