@@ -1,0 +1,81 @@
+"""The export format: a model for inference only (weights, BN statistics, how to rebuild it).
+
+It imports only orbax, numpy and json so that any floor (training, conversion of official
+checkpoints) can write it. An export is a directory:
+
+* ``variables/``: an orbax StandardCheckpointer tree ``{"params", "batch_stats"}``;
+* ``export.json``: ``{"format", "version", "model_config", "data_info"}`` where
+  ``model_config`` holds the ``create_model`` arguments (family, layout, depth,
+  num_classes, dsu_context, dtype, scan_blocks) and ``data_info`` holds num_classes,
+  image_shape [H, W, C], class_names (list or null) and data_config (at least image_size,
+  augment, mean, std: what evaluation preprocessing needs).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_NAME = "dla_jax.export"
+FORMAT_VERSION = 1
+MODEL_CONFIG_KEYS = ("family", "layout", "depth", "num_classes", "dsu_context", "dtype", "scan_blocks")
+DATA_INFO_KEYS = ("num_classes", "image_shape", "class_names", "data_config")
+DATA_CONFIG_KEYS = ("image_size", "augment", "mean", "std")
+
+
+class ExportFormatError(ValueError):
+    """A directory that is not a complete export, or an export record missing a field."""
+
+
+def _require(record: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ExportFormatError(f"{what} lacks {', '.join(missing)} (needs {', '.join(keys)})")
+
+
+def save_export(
+    path: str | os.PathLike, variables: dict[str, Any], model_config: dict[str, Any], data_info: dict[str, Any]
+) -> None:
+    """Writes `variables` ({"params", "batch_stats"}) and the JSON record to directory `path`."""
+    _require(model_config, MODEL_CONFIG_KEYS, "model_config")
+    _require(data_info, DATA_INFO_KEYS, "data_info")
+    _require(data_info["data_config"], DATA_CONFIG_KEYS, "data_info['data_config']")
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = jax.tree.map(np.asarray, jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]}))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "variables", arrays, force=True)
+    checkpointer.wait_until_finished()
+    record = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_config": model_config, "data_info": data_info}
+    temporary = path / "export.json.tmp"
+    temporary.write_text(json.dumps(record, indent=2))
+    temporary.replace(path / "export.json")
+
+
+def load_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(variables, model_config, data_info) of the export at `path`, arrays on the first local device."""
+    path = Path(path).absolute()
+    record_path = path / "export.json"
+    if not record_path.is_file() or not (path / "variables").is_dir():
+        raise ExportFormatError(
+            f"{path} is not a dla_jax export (expected export.json and variables/; "
+            "make one with `python -m dla_jax.export --workdir RUN --out EXPORT` or `python -m dla_jax.convert`)"
+        )
+    record = json.loads(record_path.read_text())
+    if record.get("format") != FORMAT_NAME or record.get("version") != FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{record_path} has format {record.get('format')!r} version {record.get('version')!r}; "
+            f"this code reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+        checkpointer.metadata(path / "variables").item_metadata.tree,
+    )
+    variables = checkpointer.restore(path / "variables", target)
+    return variables, record["model_config"], record["data_info"]

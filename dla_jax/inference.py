@@ -1,0 +1,57 @@
+"""Load an export (from dla_jax.export or dla_jax.convert) as a jitted predict function."""
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dla_jax import data, models
+from dla_jax.export_format import load_export, save_export
+
+__all__ = ["Predictor", "load", "save_export"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """`predictor(images)` -> logits [B, num_classes] for normalised NHWC float32 images.
+
+    `preprocess` turns raw uint8 images (HWC or NHWC, any size) into that input, the same
+    way evaluation did during training.
+    """
+
+    predict: Callable[[jax.Array], jax.Array]
+    variables: dict[str, Any]
+    model_config: dict[str, Any]
+    data_info: dict[str, Any]
+
+    def __call__(self, images: np.ndarray | jax.Array) -> jax.Array:
+        return self.predict(self.variables, jnp.asarray(images, jnp.float32))
+
+    def preprocess(self, images_uint8: np.ndarray) -> np.ndarray:
+        return data.preprocess_for_eval(images_uint8, ml_collections.ConfigDict(self.data_info["data_config"]))
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.data_info.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.model_config["num_classes"])]
+
+
+def load(path: str | os.PathLike) -> Predictor:
+    """Reads the export at `path` and builds its model in eval mode."""
+    variables, model_config, data_info = load_export(path)
+    model = models.create_model(
+        model_config["family"],
+        layout=model_config["layout"],
+        depth=model_config["depth"],
+        num_classes=model_config["num_classes"],
+        dsu_context=model_config["dsu_context"],
+        dtype=jnp.dtype(model_config["dtype"]),
+        scan_blocks=model_config["scan_blocks"],
+    )
+    predict = jax.jit(lambda variables, images: model.apply(variables, images, train=False).astype(jnp.float32))
+    return Predictor(predict=predict, variables=variables, model_config=model_config, data_info=data_info)

@@ -1,0 +1,61 @@
+"""python -m dla_jax.main --config configs/<file>.py --workdir DIR [--config.<field>=<value> ...]
+
+Trains and evaluates the experiment a config file describes, resuming from the latest
+checkpoint in DIR. For a multi-host run without a cluster launcher JAX recognises, give
+every process --coordinator_address, --num_processes and --process_id.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dla_jax import parallel
+from dla_jax.data import DatasetNotFoundError
+from dla_jax.train import loop
+from dla_jax.train.checkpoint import CheckpointMismatchError
+from dla_jax.train.validation import ConfigError
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py:dla_l,110.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with ml_collections' errors for unknown or ill-typed overrides made one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        message = str(err)
+    except (AttributeError, KeyError) as err:
+        key = str(err).strip("\"'")
+        given = [arg for arg in argv[1:] if arg.startswith("--config.") and key in arg]
+        message = f"unknown config field {key!r} in {' '.join(given) or 'the overrides'}; see the config file for the fields"
+    except (TypeError, ValueError) as err:
+        message = str(err)
+    print(f"dla_jax.main: bad flag: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ConfigError as err:
+        print(f"dla_jax.main: bad config: {err}", file=sys.stderr)
+        return 2
+    except (DatasetNotFoundError, CheckpointMismatchError) as err:
+        print(f"dla_jax.main: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,1 @@
+"""Training: the loop, the pure train/eval steps, state, optimiser, checkpoints, metrics."""
