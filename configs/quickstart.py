@@ -23,7 +23,7 @@ def get_config() -> config_dict.ConfigDict:
     config.model.dsu_context = "per_sample"
     config.model.drop_path = 0.0
     config.model.dtype = "float32"
-    config.model.scan_blocks = True
+    config.model.scan_blocks = False
 
     config.data = config_dict.ConfigDict()
     config.data.source = "digits"

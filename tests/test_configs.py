@@ -1,13 +1,12 @@
 """Every config is complete and valid; bad values stop the CLI early with a message naming the field."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from dla_jax.train.validation import REQUIRED_FIELDS, ConfigError, validate_config
-from train_helpers import CONFIGS_DIR, load_config
+from train_helpers import CONFIGS_DIR, cpu_env, load_config
 
 CONFIGS = [("cifar10", None), ("cifar100", "resnet,20"), ("imagenet", "dla_l,101"), ("quickstart", None)]
 
@@ -70,7 +69,7 @@ def test_missing_field_is_reported():
 )
 def test_cli_stops_before_compiling(tmp_path, override, expected):
     """Runs in a fresh process with 8 CPU devices: clean one-line error, non-zero exit, no traceback."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     result = subprocess.run(
         [sys.executable, "-m", "dla_jax.main", f"--config={CONFIGS_DIR / 'quickstart.py'}",
          f"--workdir={tmp_path / 'run'}", override],

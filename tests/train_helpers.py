@@ -2,11 +2,41 @@
 
 import importlib.util
 import json
+import os
+import tempfile
 from pathlib import Path
 
+import jax
 import ml_collections
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# XLA's CPU compiles dominate these tests (the same train step is compiled by many runs and
+# subprocesses); a persistent cache shared by all of them makes every compile after the first free.
+COMPILATION_CACHE_DIR = Path(tempfile.gettempdir()) / "dla_jax_test_compilation_cache"
+
+
+def enable_compilation_cache() -> None:
+    jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE_DIR))
+
+# The quickstart at its smallest: DLA-L depth 11 on 8x8 digits, a handful of steps,
+# a multistep schedule (so the lr of a step does not depend on the run's length).
+TINY_DIGITS = {
+    "model.depth": 11,
+    "model.drop_path": 0.1,
+    "train.learning_rate": 0.1,
+    "data.image_size": 8,
+    "data.augment": "none",
+    "train.batch_size": 32,
+    "train.eval_batch_size": 48,
+    "train.num_steps": 4,
+    "train.schedule": "multistep",
+    "train.decay_epochs": (0.1,),
+    "train.warmup_epochs": 0.0,
+    "train.log_every_steps": 1,
+    "train.eval_every_epochs": 100.0,
+    "train.checkpoint_every_epochs": 100.0,
+}
 
 
 def load_config(name: str, argument: str | None = None) -> ml_collections.ConfigDict:
@@ -17,24 +47,29 @@ def load_config(name: str, argument: str | None = None) -> ml_collections.Config
     return module.get_config() if argument is None else module.get_config(argument)
 
 
-def tiny_digits_config(**train_overrides) -> ml_collections.ConfigDict:
-    """The quickstart at its smallest: DLA-L depth 11 on 8x8 digits, a handful of steps."""
+def tiny_digits_config(**overrides) -> ml_collections.ConfigDict:
+    """TINY_DIGITS on top of the quickstart, then `overrides` (keys like `train__num_steps`)."""
     config = load_config("quickstart")
-    config.model.depth = 11
-    config.model.drop_path = 0.1
-    config.data.image_size = 8
-    config.data.augment = "crop"
-    config.train.batch_size = 32
-    config.train.eval_batch_size = 48
-    config.train.num_steps = 4
-    config.train.schedule = "multistep"
-    config.train.decay_epochs = (0.1,)
-    config.train.warmup_epochs = 0.0
-    config.train.log_every_steps = 1
-    config.train.eval_every_epochs = 100.0
-    config.train.checkpoint_every_epochs = 100.0
-    config.train.update(train_overrides)
+    for key, value in {**TINY_DIGITS, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        section, field = key.split(".")
+        config[section][field] = value
     return config
+
+
+def tiny_digits_cli(**overrides) -> list[str]:
+    """The same run as `tiny_digits_config(**overrides)`, as dla_jax.main arguments."""
+    values = {**TINY_DIGITS, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return [f"--config={CONFIGS_DIR / 'quickstart.py'}"] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def cpu_env(device_count: int) -> dict[str, str]:
+    """Environment for a subprocess with `device_count` simulated CPU devices."""
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE_DIR),
+    )
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

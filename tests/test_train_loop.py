@@ -1,0 +1,122 @@
+"""End-to-end training runs: digits and mock CIFAR, exact resume, preemption, 1 vs 8 devices."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from dla_jax.train import loop
+from dla_jax.train.checkpoint import CheckpointMismatchError
+from train_helpers import cpu_env, enable_compilation_cache, load_config, read_metrics, tiny_digits_cli, tiny_digits_config
+
+enable_compilation_cache()
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get((state.params, state.batch_stats, state.opt_state)))]
+
+
+def test_digits_learns_and_reports(tmp_path):
+    config = tiny_digits_config(train__num_steps=16, train__decay_epochs=(100.0,))
+    state = loop.train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 16
+    records = read_metrics(tmp_path)
+    train = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    assert {"learning_rate", "train_accuracy", "images_per_second"} <= set(train[0])
+    assert np.mean([r["train_loss"] for r in train[-4:]]) < np.mean([r["train_loss"] for r in train[:4]]) - 0.3
+    (evaluation,) = [r for r in records if "eval_top1" in r]
+    assert evaluation["step"] == 16 and {"eval_top5", "eval_loss"} <= set(evaluation)
+    assert evaluation["eval_examples"] == 360  # 360 test digits in batches of 48: the last one padded
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "16").is_dir()
+
+
+def test_eval_counts_every_example_once_for_any_batch(tmp_path):
+    config = tiny_digits_config(train__num_steps=1, train__eval_batch_size=16)
+    loop.train_and_evaluate(config, tmp_path)
+    (evaluation,) = [r for r in read_metrics(tmp_path) if "eval_top1" in r]
+    assert evaluation["eval_examples"] == 360
+
+
+def test_mock_cifar10_runs(tmp_path):
+    config = load_config("cifar10", "dla_l,11")
+    config.data.data_dir = str(tmp_path / "no_data_here")
+    config.train.update(batch_size=16, eval_batch_size=24, num_steps=3, log_every_steps=1, eval_every_epochs=100.0)
+    with tfds.testing.mock_data(num_examples=40):
+        loop.train_and_evaluate(config, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+    (evaluation,) = [r for r in records if "eval_top1" in r]
+    assert evaluation["eval_examples"] == 40
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """Stopping at step 3 and running the same command again ends where an uninterrupted run does."""
+    straight = loop.train_and_evaluate(tiny_digits_config(train__num_steps=6), tmp_path / "straight")
+    loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path / "resumed")
+    resumed = loop.train_and_evaluate(tiny_digits_config(train__num_steps=6), tmp_path / "resumed")
+    for a, b in zip(leaves(straight), leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    losses = {r["step"]: r["train_loss"] for r in read_metrics(tmp_path / "resumed") if "train_loss" in r}
+    reference = {r["step"]: r["train_loss"] for r in read_metrics(tmp_path / "straight") if "train_loss" in r}
+    assert losses == reference
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="family=dla_l.*family=resnet"):
+        loop.train_and_evaluate(tiny_digits_config(train__num_steps=2, model__family="resnet"), tmp_path)
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path):
+    """A preempted process checkpoints and exits 0; the rerun ends like an uninterrupted run."""
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dla_jax.main", f"--workdir={workdir}", *tiny_digits_cli(train__num_steps=10_000)],
+        env=cpu_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    assert "SIGTERM" in process.stderr.read()
+    stopped_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert stopped_at >= 2
+    resumed = loop.train_and_evaluate(tiny_digits_config(train__num_steps=stopped_at + 2), workdir)
+    straight = loop.train_and_evaluate(tiny_digits_config(train__num_steps=stopped_at + 2), tmp_path / "straight")
+    for a, b in zip(leaves(straight), leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_one_device_and_eight_devices_agree(tmp_path):
+    """BatchNorm sees the global batch, so the data-parallel run follows the one-device run."""
+    eight = loop.train_and_evaluate(tiny_digits_config(), tmp_path / "eight")
+    assert len(jax.devices()) == 8
+    result = subprocess.run(
+        [sys.executable, "-m", "dla_jax.main", f"--workdir={tmp_path / 'one'}", *tiny_digits_cli()],
+        env=cpu_env(1), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from dla_jax.export import export_run
+
+    export_run(tmp_path / "one", tmp_path / "one_export")
+    from dla_jax.export_format import load_export
+
+    one_variables, _, _ = load_export(tmp_path / "one_export")
+    eight_variables = jax.device_get(eight.variables())
+    for a, b in zip(jax.tree.leaves(one_variables), jax.tree.leaves(eight_variables), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    one_losses = [r["train_loss"] for r in read_metrics(tmp_path / "one") if "train_loss" in r]
+    eight_losses = [r["train_loss"] for r in read_metrics(tmp_path / "eight") if "train_loss" in r]
+    np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-4)
