@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dla_jax.models.layers import Dense
+from dla_jax.models.layers import Dense, at_least_float32
 
 Context = tuple[jax.Array, jax.Array]
 
@@ -29,7 +29,7 @@ class _MLP(nn.Module):
 
 
 class DSU(nn.Module):
-    """One DSU step: (y, (h, c)) -> (h', c'), computed in float32 (the vectors are tiny)."""
+    """One DSU step: (y, (h, c)) -> (h', c'), in at least float32 (the vectors are tiny)."""
 
     channels: int
     reduction: int
@@ -37,7 +37,7 @@ class DSU(nn.Module):
     @nn.compact
     def __call__(self, y: jax.Array, context: Context) -> Context:
         h, c = context
-        gates = _MLP(self.channels, self.reduction, name="w_ih")(y.astype(jnp.float32)) + _MLP(
+        gates = _MLP(self.channels, self.reduction, name="w_ih")(y.astype(at_least_float32(y.dtype))) + _MLP(
             self.channels, self.reduction, name="w_hh"
         )(h)
         input_gate, forget_gate, candidate = jnp.split(gates, 3, axis=-1)
@@ -45,9 +45,9 @@ class DSU(nn.Module):
         return nn.sigmoid(c), c
 
 
-def zero_context(batch: int, channels: int) -> Context:
+def zero_context(batch: int, channels: int, dtype: jnp.dtype) -> Context:
     """The context every stage starts from (the official code uses zeros, not noise)."""
-    return jnp.zeros((batch, channels), jnp.float32), jnp.zeros((batch, channels), jnp.float32)
+    return jnp.zeros((batch, channels), dtype), jnp.zeros((batch, channels), dtype)
 
 
 def refresh_context(context: Context, dsu_context: str) -> Context:

@@ -90,7 +90,7 @@ def depthwise_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype =
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's semantics (eps 1e-5, momentum 0.1, unbiased running var).
 
-    Statistics are computed in float32 over every axis but the channel axis. Under a
+    Statistics are computed in (at least) float32 over every axis but the channel axis. Under a
     sharded `jax.jit` the batch axis is global, so the statistics are those of the global
     batch whatever the device count.
     """
@@ -107,7 +107,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(at_least_float32(x.dtype))
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x32, axis=axes)
@@ -137,6 +137,11 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def at_least_float32(dtype: Dtype) -> jnp.dtype:
+    """Where statistics and gates are computed: float32, or float64 under x64 tests."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, C] mean in float32 (the GAP of the spec)."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    """[B, H, W, C] -> [B, C] mean in at least float32 (the GAP of the spec)."""
+    return jnp.mean(x.astype(at_least_float32(x.dtype)), axis=(1, 2))

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 from dla_jax.models.blocks import EXPANSION, Bottleneck
 from dla_jax.models.dsu import apply_dsu, init_dsu_params, refresh_context, zero_context
 from dla_jax.models.layer_attention import Projections, expand_heads, head_scores, light_attention
-from dla_jax.models.layers import BatchNorm, DropPath, depthwise_conv3x3, depthwise_kernel_init, global_avg_pool
+from dla_jax.models.layers import (
+    BatchNorm,
+    DropPath,
+    at_least_float32,
+    depthwise_conv3x3,
+    depthwise_kernel_init,
+    global_avg_pool,
+)
 
 FAMILIES = ("resnet", "mrla_l", "dla_l", "dla_b")
 DSU_CONTEXTS = ("per_sample", "first_sample")
@@ -169,11 +176,11 @@ class Stage(nn.Module):
         """Zeros for the DSU context and an empty DLA-B cache sized for this stage."""
         if self.family in ("resnet", "mrla_l"):
             return {"x": x}
-        batch = x.shape[0]
-        carry = {"x": x, "context": zero_context(batch, width)}
+        batch, vector_dtype = x.shape[0], at_least_float32(self.dtype)
+        carry = {"x": x, "context": zero_context(batch, width, vector_dtype)}
         if self.family == "dla_b":
             height, width_px = ((x.shape[1] - 1) // self.stride + 1, (x.shape[2] - 1) // self.stride + 1)
-            vectors = jnp.zeros((self.num_blocks, batch, width), jnp.float32)
+            vectors = jnp.zeros((self.num_blocks, batch, width), vector_dtype)
             carry["cache"] = {
                 "keys": vectors,
                 "value_means": vectors,

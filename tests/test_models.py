@@ -1,0 +1,207 @@
+"""Model behaviour users rely on: sizes, scan = unrolled, batch independence, DropPath, dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dla_jax.convert import from_torch_state_dict
+from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
+from dla_jax.models.layers import DropPath
+
+from parity_fixtures import CIFAR, DATA, load, nhwc
+
+# The spec's table, from the official code.
+PARAMETER_COUNTS = [
+    ("cifar", 20, 10, {"resnet": 220_378, "mrla_l": 231_182, "dla_b": 405_230, "dla_l": 410_158}),
+    ("cifar", 56, 10, {"resnet": 591_322, "mrla_l": 623_734, "dla_b": 795_990, "dla_l": 802_710}),
+    ("cifar", 110, 10, {"resnet": 1_147_738, "mrla_l": 1_212_562, "dla_b": 1_382_130, "dla_l": 1_391_538}),
+    ("cifar", 164, 10, {"resnet": 1_704_154, "mrla_l": 1_801_390, "dla_b": 1_968_270, "dla_l": 1_980_366}),
+    ("cifar", 20, 100, {"resnet": 243_508, "mrla_l": 254_312, "dla_b": 428_360, "dla_l": 433_288}),
+    ("cifar", 110, 100, {"resnet": 1_170_868, "mrla_l": 1_235_692, "dla_b": 1_405_260, "dla_l": 1_414_668}),
+    ("imagenet", 50, 1000, {"resnet": 25_557_032, "dla_l": 28_581_812}),
+    ("imagenet", 101, 1000, {"resnet": 44_549_160, "dla_l": 47_783_006}),
+]
+
+
+def _count(model, size):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("layout, depth, classes, counts", PARAMETER_COUNTS)
+def test_parameter_counts_match_official(layout, depth, classes, counts):
+    for family, expected in counts.items():
+        model = create_model(family, layout=layout, depth=depth, num_classes=classes)
+        assert _count(model, 32 if layout == "cifar" else 224) == expected, family
+
+
+def _init(model, batch=4, size=32, seed=0):
+    images = jax.random.normal(jax.random.key(seed + 1), (batch, size, size, 3))
+    return jax.jit(model.init)(jax.random.key(seed), images), images
+
+
+def _apply(model, variables, images):
+    return jax.jit(lambda v, x: model.apply(v, x))(variables, images)
+
+
+def _loss_and_stats(model, variables, images):
+    def loss(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, images, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(logits**2), (logits, updates["batch_stats"])
+
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scan_equals_unrolled_loop(family):
+    """Outputs, gradients and BN statistics of the scanned stages equal the Python loop.
+
+    Run in float64 so that the comparison is tight: in float32 the two summation orders
+    of a randomly initialised deep net differ by ~1e-3 in some gradients.
+    """
+    with jax.enable_x64(True):
+        scanned = create_model(family, layout="cifar", depth=29, num_classes=10, dtype=jnp.float64)
+        unrolled = scanned.clone(scan_blocks=False)
+        variables, images = _init(scanned, size=16)
+        variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables)
+        images = images.astype(jnp.float64)
+        unrolled_variables = unstack_blocks(variables)
+        # The mapping is a bijection onto the unrolled model's own layout.
+        chex.assert_trees_all_equal_shapes(
+            unrolled_variables, jax.eval_shape(lambda: unrolled.init(jax.random.key(0), images))
+        )
+        chex.assert_trees_all_equal(stack_blocks(unrolled_variables), variables)
+
+        grads, (logits, stats) = _loss_and_stats(scanned, variables, images)
+        unrolled_grads, (unrolled_logits, unrolled_stats) = _loss_and_stats(unrolled, unrolled_variables, images)
+        chex.assert_trees_all_close(logits, unrolled_logits, rtol=1e-10, atol=1e-10)
+        chex.assert_trees_all_close(unstack_blocks(grads), unrolled_grads, rtol=1e-8, atol=1e-10)
+        chex.assert_trees_all_close(unstack_blocks(stats), unrolled_stats, rtol=1e-10, atol=1e-12)
+        chex.assert_tree_all_finite(grads)
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("family", ["dla_l", "dla_b"])
+def test_per_sample_logits_do_not_depend_on_the_batch(family):
+    # The official weights of the parity fixture: BN statistics far from trivial.
+    state, arrays = load(DATA / CIFAR[family])
+    model = create_model(family, layout="cifar", depth=20, num_classes=10, dsu_context="per_sample")
+    variables = from_torch_state_dict(model, state)
+    images = np.concatenate([nhwc(arrays["input_eval"]), nhwc(arrays["input_train"])])
+    apply = jax.jit(lambda x: model.apply(variables, x))
+    together = apply(images)
+    alone = jnp.concatenate([apply(images[i : i + 1]) for i in range(len(images))])
+    chex.assert_trees_all_close(alone, together, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(apply(images[::-1])[::-1], together, rtol=1e-5, atol=1e-5)
+
+    # The official behaviour is batch dependent: this is what "per_sample" removes.
+    official = jax.jit(lambda x: model.clone(dsu_context="first_sample").apply(variables, x))
+    official_alone = jnp.concatenate([official(images[i : i + 1]) for i in range(len(images))])
+    chex.assert_trees_all_close(official_alone, together, rtol=1e-5, atol=1e-5)
+    batch_effect = float(jnp.abs(official(images) - together).max())
+    assert batch_effect > 1e-5 * max(1.0, float(jnp.abs(together).max())), batch_effect
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_are_finite_with_drop_path(family):
+    model = create_model(family, layout="cifar", depth=11, num_classes=10, drop_path=0.2)
+    variables, images = _init(model)
+
+    def loss(params):
+        logits, _ = model.apply(
+            {**variables, "params": params}, images, train=True, mutable=["batch_stats"], rngs={"drop_path": jax.random.key(5)}
+        )
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    chex.assert_tree_all_finite(grads)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_drop_path_is_identity_at_rate_zero_and_in_eval():
+    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 8))
+    rngs = {"drop_path": jax.random.key(1)}
+    chex.assert_trees_all_equal(DropPath(0.0).apply({}, x, True, rngs=rngs), x)
+    chex.assert_trees_all_equal(DropPath(0.5).apply({}, x, False), x)
+
+
+def test_drop_path_is_unbiased_and_per_sample_in_training():
+    x = jnp.ones((20_000, 2, 2, 3))
+    y = DropPath(0.3).apply({}, x, True, rngs={"drop_path": jax.random.key(7)})
+    per_sample = np.asarray(y).reshape(y.shape[0], -1)
+    # Each sample is either dropped or kept whole (rescaled by 1/keep).
+    assert set(np.unique(per_sample.round(5))) <= {0.0, round(1 / 0.7, 5)}
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))
+    assert abs(float(y.mean()) - 1.0) < 0.02
+    assert abs(float((per_sample[:, 0] == 0).mean()) - 0.3) < 0.02
+
+
+def test_drop_path_changes_training_output_only_with_rate():
+    model = create_model("dla_l", layout="cifar", depth=11, num_classes=10, drop_path=0.5)
+    variables, images = _init(model, batch=8)
+    train = jax.jit(
+        lambda key: model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"drop_path": key})[0]
+    )
+    assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+    chex.assert_trees_all_equal(_apply(model, variables, images), _apply(model, variables, images))
+
+
+@pytest.mark.parametrize("family", ["resnet", "dla_l", "dla_b"])
+def test_bfloat16_compute_stays_close_to_float32(family):
+    model = create_model(family, layout="cifar", depth=11, num_classes=10)
+    variables, images = _init(model, batch=4)
+    reference = _apply(model, variables, images)
+    half = model.clone(dtype=jnp.bfloat16)
+    logits = _apply(half, variables, images)
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite(logits)
+    scale = float(jnp.abs(reference).max())
+    assert float(jnp.abs(logits - reference).max()) < 0.05 * max(1.0, scale)
+    # Parameters stay float32 whatever the compute dtype.
+    shapes = jax.eval_shape(lambda: half.init(jax.random.key(0), images))
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes["params"])} == {jnp.dtype("float32")}
+
+
+def test_return_features_gives_each_stage_output():
+    model = create_model("dla_l", layout="cifar", depth=11, num_classes=10)
+    variables, images = _init(model, batch=2)
+    logits, features = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(variables, images)
+    assert [f.shape for f in features] == [(2, 32, 32, 64), (2, 16, 16, 128), (2, 8, 8, 256)]
+    chex.assert_trees_all_close(logits, _apply(model, variables, images))
+
+
+def test_imagenet_layout_runs_every_family_and_zero_inits_last_bn():
+    for family in FAMILIES:
+        model = create_model(family, layout="imagenet", depth=50, num_classes=7)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+        assert shapes["params"]["head"]["linear"]["kernel"].shape == (2048, 7)
+    model = create_model("resnet", layout="imagenet", depth=50, num_classes=7)
+    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))()["params"]
+    assert float(jnp.abs(params["stage_0"]["block_0"]["bottleneck"]["bn3"]["scale"]).max()) == 0.0
+    assert float(params["stage_0"]["block_0"]["bottleneck"]["bn2"]["scale"].min()) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"family": "dla_x"}, "family='dla_x' is unknown"),
+        ({"layout": "mnist"}, "layout='mnist' is unknown"),
+        ({"depth": 21}, "9n+2"),
+        ({"layout": "imagenet", "depth": 34}, "[50, 101]"),
+        ({"dsu_context": "batch"}, "dsu_context"),
+        ({"drop_path": 1.0}, "drop_path"),
+    ],
+)
+def test_bad_arguments_name_what_is_allowed(kwargs, message):
+    arguments = {"family": "dla_l", "layout": "cifar", "depth": 20, "num_classes": 10, **kwargs}
+    family = arguments.pop("family")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
+        create_model(family, **arguments)
