@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dla_jax.models import stack_blocks, stage_sizes
+from dla_jax.export_format import save_export
+from dla_jax.models import FAMILIES, create_model, stack_blocks, stage_sizes
 
 Transform = Callable[[np.ndarray], np.ndarray]
 IGNORED_SUFFIX = ".num_batches_tracked"
@@ -190,3 +191,67 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     return {name.removeprefix("module."): value.numpy() for name, value in checkpoint.items()}
+
+
+# Evaluation preprocessing of the official recipes, recorded in the export.
+OFFICIAL_DATA = {
+    "cifar": {"image_size": 32, "augment": "cifar", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010)},
+    "imagenet": {"image_size": 224, "augment": "imagenet", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+
+
+def convert_checkpoint(
+    checkpoint: str, out: str, *, family: str, layout: str, depth: int, num_classes: int, dsu_context: str
+) -> None:
+    """Read an official checkpoint, check it against the model and write an export to `out`."""
+    model = create_model(family, layout=layout, depth=depth, num_classes=num_classes, dsu_context=dsu_context)
+    variables = from_torch_state_dict(model, load_state_dict(checkpoint))
+    data_config = OFFICIAL_DATA[layout]
+    size = data_config["image_size"]
+    model_config = {
+        "family": family,
+        "layout": layout,
+        "depth": depth,
+        "num_classes": num_classes,
+        "dsu_context": dsu_context,
+        "dtype": "float32",
+        "scan_blocks": True,
+    }
+    data_info = {"num_classes": num_classes, "image_shape": [size, size, 3], "class_names": None, "data_config": data_config}
+    save_export(out, variables, model_config, data_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dla_jax.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--torch-checkpoint", required=True, help="official .pth / .pth.tar, or .npz of the state dict")
+    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--layout", required=True, choices=sorted(OFFICIAL_DATA))
+    parser.add_argument("--depth", required=True, type=int)
+    parser.add_argument("--num-classes", required=True, type=int)
+    parser.add_argument(
+        "--dsu-context",
+        default="per_sample",
+        choices=["per_sample", "first_sample"],
+        help="first_sample reproduces the official logits exactly (batch dependent)",
+    )
+    parser.add_argument("--out", required=True, help="export directory to write")
+    args = parser.parse_args(argv)
+    try:
+        convert_checkpoint(
+            args.torch_checkpoint,
+            args.out,
+            family=args.family,
+            layout=args.layout,
+            depth=args.depth,
+            num_classes=args.num_classes,
+            dsu_context=args.dsu_context,
+        )
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
