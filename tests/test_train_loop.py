@@ -23,6 +23,7 @@ def leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get((state.params, state.batch_stats, state.opt_state)))]
 
 
+@pytest.mark.slow
 def test_digits_learns_and_reports(tmp_path):
     config = tiny_digits_config(train__num_steps=16, train__decay_epochs=(100.0,))
     state = loop.train_and_evaluate(config, tmp_path)
@@ -58,6 +59,7 @@ def test_mock_cifar10_runs(tmp_path):
     assert evaluation["eval_examples"] == 40
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     """Stopping at step 3 and running the same command again ends where an uninterrupted run does."""
     straight = loop.train_and_evaluate(tiny_digits_config(train__num_steps=6), tmp_path / "straight")
@@ -76,6 +78,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         loop.train_and_evaluate(tiny_digits_config(train__num_steps=2, model__family="resnet"), tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches(tmp_path):
     """A preempted process checkpoints and exits 0; the rerun ends like an uninterrupted run."""
     workdir = tmp_path / "preempted"
@@ -99,6 +102,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_agree(tmp_path):
     """BatchNorm sees the global batch, so the data-parallel run follows the one-device run."""
     eight = loop.train_and_evaluate(tiny_digits_config(), tmp_path / "eight")
