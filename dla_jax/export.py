@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 
 from dla_jax.export_format import save_export
 from dla_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
@@ -44,6 +44,7 @@ def export_run(workdir: str | Path, out: str | Path) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
     try:
         step = export_run(FLAGS.workdir, FLAGS.out)
     except (FileNotFoundError, CheckpointMismatchError) as err:

@@ -8,7 +8,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from PIL import Image
 
 from dla_jax import inference
@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
     image_paths = argv[1:]
     if not image_paths:
         raise app.UsageError("give at least one image file")
+    logging.set_verbosity(logging.WARNING)
     try:
         predictor = inference.load(FLAGS.checkpoint)
     except ExportFormatError as err:
