@@ -1,0 +1,361 @@
+r"""Train/eval step throughput, compile time, memory and FLOPs of the model families.
+
+    python scripts/benchmark.py --families resnet,dla_l,dla_b --depths 20,56 \
+        --batch-sizes 128 --out bench.json --markdown bench.md
+
+Every configuration is compiled first; then the timed steps run round-robin over the
+configurations (one step of each in turn), so that a busy, shared machine slows all of
+them alike and the medians stay comparable. Data is synthetic (random images, labels),
+the step is the training code's own `train_step` (SGD with momentum, weight decay).
+Compile time is the wall time of `lower(...).compile()`. Use `--compile-only` to
+measure compile-time scaling (e.g. `--depths 20,164 --no-scan`). More than one device
+on a CPU needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dla_jax import models, parallel
+from dla_jax.train import optim
+from dla_jax.train.state import create_train_state
+from dla_jax.train.step import eval_step, train_step
+
+# Multiply-accumulates of one 224x224 forward pass (conv/linear/matmul), from the spec.
+SPEC_MACS = {
+    ("imagenet", 50, "resnet"): 4.089e9,
+    ("imagenet", 50, "dla_l"): 4.209e9,
+    ("imagenet", 101, "resnet"): 7.801e9,
+    ("imagenet", 101, "dla_l"): 8.000e9,
+}
+IMAGE_SIZES = {"cifar": 32, "imagenet": 224}
+MODES = ("train", "eval")
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list: {err}") from None
+
+    return parse
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis (a dict, or a one-element list of dicts on older jax)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    """Buffer sizes the compiler planned (arguments, outputs, temporaries), where reported."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:
+        return {}
+    if analysis is None:
+        return {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+    return {name: int(getattr(analysis, name)) for name in fields if hasattr(analysis, name)}
+
+
+def _device_peak_bytes(devices: list[jax.Device]) -> int | None:
+    """The allocator's peak over the devices (GPU/TPU); None where it keeps no statistics (CPU)."""
+    peaks = []
+    for device in devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+class Case:
+    """One configuration: its jitted steps compiled, its state and synthetic batch placed."""
+
+    def __init__(self, setting: dict[str, Any], *, scan: bool, modes: tuple[str, ...], seed: int = 0):
+        self.setting = setting
+        self.modes = modes
+        layout, depth, batch = setting["layout"], setting["depth"], setting["batch_size"]
+        num_devices = setting["devices"]
+        if batch % num_devices:
+            raise ValueError(f"batch size {batch} is not divisible by {num_devices} devices")
+        devices = jax.devices()[:num_devices]
+        self.devices = devices
+        mesh = jax.sharding.Mesh(np.array(devices).reshape(num_devices, 1), parallel.MESH_AXES)
+        model = models.create_model(
+            setting["family"],
+            layout=layout,
+            depth=depth,
+            num_classes=setting["num_classes"],
+            dtype=jnp.dtype(setting["dtype"]),
+            scan_blocks=scan,
+        )
+        train_config = ml_collections.ConfigDict({"weight_decay": 1e-4, "momentum": 0.9})
+        lr_schedule = lambda step: jnp.asarray(0.1, jnp.float32)  # noqa: E731  (constant: no schedule cost)
+        tx = optim.create_optimizer(train_config, lr_schedule)
+        size = setting["image_size"]
+        init = functools.partial(create_train_state, model, tx, seed=seed, image_shape=(size, size, 3))
+        state_shardings = parallel.state_shardings(mesh, jax.eval_shape(init))
+        self.state = jax.jit(init, out_shardings=state_shardings)()
+        rng = np.random.default_rng(seed)
+        batch_sharding = parallel.batch_sharding(mesh)
+        self.batch = jax.device_put(
+            {
+                "image": rng.standard_normal((batch, size, size, 3), np.float32),
+                "label": rng.integers(0, setting["num_classes"], batch).astype(np.int32),
+                "mask": np.ones(batch, bool),
+            },
+            batch_sharding,
+        )
+        replicated = parallel.replicated(mesh)
+        step_fns = {
+            "train": jax.jit(
+                functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule, label_smoothing=0.0),
+                in_shardings=(state_shardings, batch_sharding),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=0,
+            ),
+            "eval": jax.jit(
+                functools.partial(eval_step, model=model),
+                in_shardings=(state_shardings, batch_sharding),
+                out_shardings=replicated,
+            ),
+        }
+        self.compiled: dict[str, Any] = {}
+        self.result: dict[str, Any] = dict(setting, scan=scan)
+        for mode in modes:
+            start = time.perf_counter()
+            compiled = step_fns[mode].lower(self.state, self.batch).compile()
+            self.result[f"{mode}_compile_s"] = time.perf_counter() - start
+            self.compiled[mode] = compiled
+            cost = _cost(compiled)
+            if "flops" in cost:
+                self.result[f"{mode}_xla_gflops_per_image"] = cost["flops"] / batch / 1e9
+            self.result[f"{mode}_memory"] = _memory(compiled)
+        spec_macs = SPEC_MACS.get((layout, depth, setting["family"]))
+        if spec_macs is not None and size == IMAGE_SIZES["imagenet"]:
+            self.result["spec_gmacs_per_image"] = spec_macs / 1e9
+        self.times: dict[str, list[float]] = {mode: [] for mode in modes}
+
+    def run(self, mode: str) -> float:
+        """One step, waited for; returns its wall time (the train step carries its state on)."""
+        start = time.perf_counter()
+        if mode == "train":
+            self.state, metrics = self.compiled["train"](self.state, self.batch)
+        else:
+            metrics = self.compiled["eval"](self.state, self.batch)
+        jax.block_until_ready(metrics)
+        if mode == "train":
+            jax.block_until_ready(self.state)
+        return time.perf_counter() - start
+
+    def summarise(self, warmup: int) -> dict[str, Any]:
+        batch = self.setting["batch_size"]
+        for mode, times in self.times.items():
+            kept = times[warmup:]
+            if kept:
+                median = statistics.median(kept)
+                self.result[f"{mode}_step_s"] = median
+                self.result[f"{mode}_images_per_s"] = batch / median
+                self.result[f"{mode}_steps_timed"] = len(kept)
+        self.result["device_peak_bytes"] = _device_peak_bytes(self.devices)
+        return self.result
+
+
+def run_benchmark(
+    settings: list[dict[str, Any]],
+    *,
+    scan: bool,
+    modes: tuple[str, ...],
+    steps: int,
+    warmup: int,
+    log: Callable[[str], None] = lambda text: None,
+) -> list[dict[str, Any]]:
+    """Compiles every setting, then times `warmup + steps` steps of each, interleaved."""
+    cases = []
+    for setting in settings:
+        log(f"compiling {describe(setting)}")
+        cases.append(Case(setting, scan=scan, modes=modes))
+        log("  " + ", ".join(f"{m} {cases[-1].result[f'{m}_compile_s']:.1f}s" for m in modes))
+    for round_index in range(warmup + steps):
+        for case in cases:
+            for mode in modes:
+                case.times[mode].append(case.run(mode))
+        log(f"round {round_index + 1}/{warmup + steps} done")
+    return [case.summarise(warmup) for case in cases]
+
+
+def describe(setting: dict[str, Any]) -> str:
+    return (
+        f"{setting['family']} {setting['layout']}-{setting['depth']} batch {setting['batch_size']} "
+        f"{setting['dtype']} on {setting['devices']} device(s)"
+    )
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """Step time relative to plain ResNet with the same layout, depth, batch, dtype, devices."""
+    key = lambda r: (r["layout"], r["depth"], r["batch_size"], r["dtype"], r["devices"])  # noqa: E731
+    baselines = {key(r): r for r in results if r["family"] == "resnet"}
+    for result in results:
+        base = baselines.get(key(result))
+        for mode in MODES:
+            name = f"{mode}_step_s"
+            if base and name in result and name in base:
+                result[f"{mode}_vs_resnet"] = result[name] / base[name]
+        if base and "train_compile_s" in result and "train_compile_s" in base:
+            result["train_compile_vs_resnet"] = result["train_compile_s"] / base["train_compile_s"]
+
+
+def _format(value: Any, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per configuration: throughput, ratio to ResNet, compile times, FLOPs, memory."""
+    header = (
+        "| family | layout | depth | batch | dtype | devices | scan | train img/s | train x ResNet | eval img/s "
+        "| train compile s | eval compile s | XLA GFLOP/img (train) | XLA GFLOP/img (eval) | spec GMAC/img "
+        "| train temp MiB |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        temp = r.get("train_memory", {}).get("temp_size_in_bytes")
+        cells = [
+            r["family"],
+            r["layout"],
+            str(r["depth"]),
+            str(r["batch_size"]),
+            r["dtype"],
+            str(r["devices"]),
+            "yes" if r["scan"] else "no",
+            _format(r.get("train_images_per_s"), 1),
+            _format(r.get("train_vs_resnet"), 2),
+            _format(r.get("eval_images_per_s"), 1),
+            _format(r.get("train_compile_s"), 1),
+            _format(r.get("eval_compile_s"), 1),
+            _format(r.get("train_xla_gflops_per_image"), 3),
+            _format(r.get("eval_xla_gflops_per_image"), 3),
+            _format(r.get("spec_gmacs_per_image"), 3),
+            _format(None if temp is None else temp / 2**20, 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_description() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", type=_csv(str), default=["resnet", "dla_l", "dla_b"])
+    parser.add_argument("--layout", choices=sorted(models.LAYOUTS), default="cifar")
+    parser.add_argument("--depths", type=_csv(int), default=[20])
+    parser.add_argument("--batch-sizes", type=_csv(int), default=[128])
+    parser.add_argument("--dtypes", type=_csv(str), default=["float32"], help="float32 and/or bfloat16")
+    parser.add_argument("--devices", type=_csv(int), default=[1], help="device counts (a mesh over the first N)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 32 (cifar) or 224 (imagenet)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: 10 (cifar) or 1000 (imagenet)")
+    parser.add_argument("--modes", type=_csv(str), default=list(MODES), help="train and/or eval")
+    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="nn.scan over blocks")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--compile-only", action="store_true", help="compile and analyse, run no steps")
+    parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+    for family in args.families:
+        if family not in models.FAMILIES:
+            parser.error(f"--families: {family!r} is unknown, use some of {','.join(models.FAMILIES)}")
+    for depth in args.depths:
+        try:
+            models.validate_depth(args.layout, depth)
+        except ValueError as err:
+            parser.error(f"--depths: {err}")
+    for dtype in args.dtypes:
+        if dtype not in ("float32", "bfloat16"):
+            parser.error(f"--dtypes: {dtype!r} is not float32 or bfloat16")
+    for mode in args.modes:
+        if mode not in MODES:
+            parser.error(f"--modes: {mode!r} is not one of {','.join(MODES)}")
+    available = jax.device_count()
+    for count in args.devices:
+        if not 1 <= count <= available:
+            parser.error(
+                f"--devices {count}: only {available} device(s); on a CPU set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before starting"
+            )
+        for batch in args.batch_sizes:
+            if batch % count:
+                parser.error(f"--batch-sizes {batch} is not divisible by --devices {count}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = [
+        {
+            "family": family,
+            "layout": args.layout,
+            "depth": depth,
+            "batch_size": batch,
+            "dtype": dtype,
+            "devices": devices,
+            "image_size": args.image_size or IMAGE_SIZES[args.layout],
+            "num_classes": args.num_classes or (10 if args.layout == "cifar" else 1000),
+        }
+        for devices in args.devices
+        for dtype in args.dtypes
+        for batch in args.batch_sizes
+        for depth in args.depths
+        for family in args.families
+    ]
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    results = run_benchmark(
+        settings,
+        scan=args.scan,
+        modes=tuple(args.modes),
+        steps=0 if args.compile_only else args.steps,
+        warmup=0 if args.compile_only else args.warmup,
+        log=log,
+    )
+    add_ratios(results)
+    table = markdown_table(results)
+    record = {"machine": machine_description(), "command": " ".join(sys.argv), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
