@@ -1,9 +1,10 @@
 r"""python -m dla_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
 DLA-L (CIFAR layout, depth 20) on the 1,797 handwritten digits bundled with scikit-learn:
-nothing to download, a few minutes on 2 CPU cores, about 98% test accuracy. The 8x8 digits
-are resized to 16x16 (the model ends in a global average pool, so any size works);
-random crop without flip (a flipped digit is another digit). Try
+nothing to download, about two minutes on 2 CPU cores, about 95.5% test accuracy on the
+360 held-out digits. The digits stay 8x8 (the model ends in a global average pool, so any
+size works) and are not augmented: a 4-pixel crop is half the image, a flip another digit.
+Try
 `--config.model.family=resnet` for the baseline, then
 `python -m dla_jax.export --workdir runs/quickstart --out runs/quickstart_export`.
 """
@@ -31,8 +32,8 @@ def get_config() -> config_dict.ConfigDict:
     config.data.data_dir = config_dict.placeholder(str)
     config.data.train_split = "train"
     config.data.eval_split = "test"
-    config.data.image_size = 16
-    config.data.augment = "crop"
+    config.data.image_size = 8
+    config.data.augment = "none"
     config.data.mean = (0.5, 0.5, 0.5)
     config.data.std = (0.5, 0.5, 0.5)
     config.data.num_workers = 0
@@ -49,7 +50,7 @@ def get_config() -> config_dict.ConfigDict:
     config.train.learning_rate = 0.1
     config.train.lr_reference_batch_size = 64
     config.train.momentum = 0.9
-    config.train.weight_decay = 1e-4
+    config.train.weight_decay = 5e-4
     config.train.schedule = "cosine"
     config.train.decay_epochs = ()
     config.train.decay_factor = 0.1
