@@ -6,7 +6,7 @@ depth 9n+2, e.g. 20, 56, 110, 164); any field can also be overridden, e.g.
 Recipe: SGD momentum 0.9, lr 0.1 at batch 128, 180 epochs, lr x0.1 at epochs 100 and 150,
 weight decay 1e-4 added to the gradient, DropPath 0.2, crop + flip, test batch 100
 (batches must divide by the device count: on 8 devices add --config.train.eval_batch_size=200).
-The dataset is read with TFDS: `tfds build cifar10 --data_dir=DIR` prepares it.
+The dataset is read with TFDS: `tfds build cifar10 --data_dir=DIR --file_format=array_record` prepares it.
 """
 
 from ml_collections import config_dict
