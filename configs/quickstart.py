@@ -1,10 +1,10 @@
 r"""python -m dla_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
 DLA-L (CIFAR layout, depth 20) on the 1,797 handwritten digits bundled with scikit-learn:
-nothing to download, about two minutes on 2 CPU cores, about 95.5% test accuracy on the
-360 held-out digits. The digits stay 8x8 (the model ends in a global average pool, so any
-size works) and are not augmented: a 4-pixel crop is half the image, a flip another digit.
-Try
+nothing to download, two to three minutes on 2 CPU cores, 96.7% test accuracy on the 360
+held-out digits. The 8x8 digits are resized to 12x12 (the model ends in a global average
+pool, so any size works; 8x8 trains faster but reached only 95.6%) and are not augmented:
+a 4-pixel crop is most of the image, a flip another digit. Try
 `--config.model.family=resnet` for the baseline, then
 `python -m dla_jax.export --workdir runs/quickstart --out runs/quickstart_export`.
 """
@@ -32,7 +32,7 @@ def get_config() -> config_dict.ConfigDict:
     config.data.data_dir = config_dict.placeholder(str)
     config.data.train_split = "train"
     config.data.eval_split = "test"
-    config.data.image_size = 8
+    config.data.image_size = 12
     config.data.augment = "none"
     config.data.mean = (0.5, 0.5, 0.5)
     config.data.std = (0.5, 0.5, 0.5)
