@@ -140,6 +140,20 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def wait_for_all_processes(name: str, *, timeout_s: int = 1800) -> None:
+    """Blocks until every process reaches the barrier `name`; a no-op in a single process.
+
+    A coordination-service barrier (no device collective). The loop calls it once every
+    process has compiled its steps: CPU (gloo) collectives give up when a peer reaches the
+    first all-reduce more than 30 s later, e.g. because it was still compiling.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize made
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def create_mesh(mesh_config: Any) -> Mesh:
     """A ("data", "fsdp") mesh over all devices; `mesh_config.data == -1` fills the rest."""
     num_devices = jax.device_count()

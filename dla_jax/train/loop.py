@@ -174,6 +174,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         out_shardings=replicated,
     )
 
+    # Compile both steps now, then meet the other processes: compiling at the first call lets
+    # a fast process reach the first collective long before a slow one (gloo gives up after 30 s).
+    def batch_struct(batch_size: int, *, mask: bool) -> dict[str, jax.ShapeDtypeStruct]:
+        fields = {"image": ((*info.image_shape,), jnp.float32), "label": ((), jnp.int32)}
+        if mask:
+            fields["mask"] = ((), jnp.bool_)
+        return {
+            name: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=batch_sharding)
+            for name, (shape, dtype) in fields.items()
+        }
+
+    train_fn = train_fn.lower(state, batch_struct(config.train.batch_size, mask=False)).compile()
+    eval_fn = eval_fn.lower(state, batch_struct(config.train.eval_batch_size, mask=True)).compile()
+    parallel.wait_for_all_processes("dla_jax_steps_compiled")
+
     writer = MetricsWriter(workdir, enabled=is_main)
     progress = Progress(start_step=start_step, total_steps=run.total_steps, enabled=is_main)
     progress.message(_start_banner(config, info, run, start_step, mesh))
