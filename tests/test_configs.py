@@ -8,7 +8,8 @@ import pytest
 from dla_jax.train.validation import REQUIRED_FIELDS, ConfigError, validate_config
 from train_helpers import CONFIGS_DIR, cpu_env, load_config
 
-CONFIGS = [("cifar10", None), ("cifar100", "resnet,20"), ("imagenet", "dla_l,101"), ("quickstart", None)]
+CONFIGS = [("cifar10", None), ("cifar100", "resnet,20"), ("imagenet", "dla_l,101"), ("quickstart", None),
+           ("fashion_mnist", "resnet,20")]
 
 
 @pytest.mark.parametrize("name,argument", CONFIGS)
@@ -20,7 +21,7 @@ def test_config_is_complete_and_valid(name, argument):
     validate_config(config, device_count=4, process_count=1)  # CIFAR's published test batch is 100
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet", "quickstart"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet", "quickstart", "fashion_mnist"])
 def test_docstring_starts_with_the_command(name):
     docstring = (CONFIGS_DIR / f"{name}.py").read_text().split('"""')[1].lstrip("r")
     assert docstring.startswith(f"python -m dla_jax.main --config configs/{name}.py")
