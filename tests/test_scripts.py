@@ -1,0 +1,91 @@
+"""The benchmark and plotting scripts, run in-process at their tiniest (no timing thresholds)."""
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from dla_jax.train import loop
+from train_helpers import enable_compilation_cache, tiny_digits_config
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after checking the PNG signature."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+    enable_compilation_cache()
+
+
+def test_benchmark_writes_json_and_markdown(tmp_path):
+    benchmark = load_script("benchmark")
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--families", "resnet,mrla_l", "--depths", "11", "--batch-sizes", "4", "--image-size", "8"]
+    argv += ["--steps", "1", "--warmup", "1", "--devices", "2", "--out", str(out), "--markdown", str(table)]
+    assert benchmark.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["machine"]["backend"] == "cpu"
+    results = record["results"]
+    assert [(r["family"], r["devices"]) for r in results] == [("resnet", 2), ("mrla_l", 2)]
+    for result in results:
+        for mode in ("train", "eval"):
+            assert result[f"{mode}_images_per_s"] > 0 and result[f"{mode}_compile_s"] > 0
+            assert result[f"{mode}_xla_gflops_per_image"] > 0
+        assert result["train_vs_resnet"] > 0
+    assert table.read_text().count("\n") == 2 + len(results)
+
+
+def test_benchmark_rejects_bad_arguments(capsys):
+    benchmark = load_script("benchmark")
+    for argv, message in [
+        (["--families", "vgg"], "unknown"),
+        (["--depths", "21"], "9n+2"),
+        (["--devices", "99"], "xla_force_host_platform_device_count"),
+        (["--batch-sizes", "3", "--devices", "2"], "not divisible"),
+    ]:
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_plots_from_a_short_training_run(tmp_path):
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(tiny_digits_config(train__num_steps=2), workdir)
+    attention = load_script("plot_layer_attention")
+    out = tmp_path / "attention.png"
+    assert attention.main([str(workdir), "--out", str(out), "--num-images", "4", "--width", "640", "--height", "480"]) == 0
+    assert png_size(out) == (640, 480)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "\n".join(json.dumps({"step": s, "train_loss": 2.0 / s, "train_accuracy": 0.1 * s}) for s in (1, 2))
+        + "\n" + json.dumps({"step": 2, "eval_loss": 1.5, "eval_top1": 0.3}) + "\n"
+    )
+    curves = load_script("plot_training_curves")
+    out = tmp_path / "curves.png"
+    assert curves.main([str(workdir), str(other), "--out", str(out), "--width", "800", "--height", "300"]) == 0
+    assert png_size(out) == (800, 300)
+
+
+def test_plot_scripts_reject_missing_inputs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_script("plot_training_curves").parse_args([str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert "no metrics file" in capsys.readouterr().err
+    attention = load_script("plot_layer_attention")
+    assert attention.main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
+    assert "neither an export" in capsys.readouterr().err
