@@ -79,6 +79,7 @@ class Unit(nn.Module):
             carry["context"] = self._dsu(shared, global_avg_pool(out), carry["context"])
             context = refresh_context(carry["context"], self.dsu_context)
             gate, _ = self._dsu(shared, global_avg_pool(shortcut), context)
+            self.sow("intermediates", "refresh", gate)
             previous = shortcut * gate.astype(self.dtype)[:, None, None, :] + depthwise_conv3x3(
                 shortcut, shared["excite"]
             )
@@ -106,6 +107,7 @@ class Unit(nn.Module):
         cache["keys"], cache["value_scales"] = jax.vmap(refresh)(
             cache["keys"], cache["value_means"], cache["value_scales"]
         )
+        self.sow("intermediates", "value_scales", cache["value_scales"])
         entries = {"keys": key, "value_means": global_avg_pool(value), "value_scales": jnp.ones_like(key), "values": value}
         for name, entry in entries.items():
             cache[name] = jax.lax.dynamic_update_index_in_dim(cache[name], entry.astype(cache[name].dtype), index, 0)
