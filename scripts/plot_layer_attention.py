@@ -17,10 +17,8 @@ What the columns show (static = the layer attention alone, dynamic = what the DS
   (column); *dynamic*: the cumulative DSU refresh scale of the cached value of block t
   as block j sees it (1 = not rescaled; these scales also multiply the values the
   weights combine).
-* The dynamic panels need the models to sow `refresh` (DLA-L's gate d, in
-  `Unit._light_with_previous`) and `value_scales` (DLA-B's cache scales after the
-  refresh, in `Unit._softmax_over_stage`); without those sows only the static panels
-  are drawn.
+* The models sow these as `gates`, `lambda` is a parameter, `refresh` (DLA-L) and
+  `attention` / `value_scales` (DLA-B) in `Unit` (dla_jax/models/stages.py).
 * `resnet` has no layer attention: the script says so and exits with status 2.
 """
 
@@ -110,19 +108,18 @@ def stage_panels(family: str, intermediates: dict, params: dict) -> list[tuple[s
         scales = np.full((capacity, capacity), np.nan)
         for j, block in enumerate(blocks):
             weights[j, : j + 1] = np.asarray(block["attention"][0])[: j + 1].mean(axis=(1, 2))
-            if "value_scales" in block:
-                scales[j, : j + 1] = np.asarray(block["value_scales"][0])[: j + 1].mean(axis=(1, 2))
-        panels = [("static: softmax weights", weights, "earlier block t", "block j")]
-        if "value_scales" in blocks[0]:
-            panels.append(("dynamic: DSU refresh scale of V_t", scales, "earlier block t", "block j"))
-        return panels
+            scales[j, : j + 1] = np.asarray(block["value_scales"][0])[: j + 1].mean(axis=(1, 2))
+        return [
+            ("static: softmax weights", weights, "earlier block t", "block j"),
+            ("dynamic: DSU refresh scale of V_t", scales, "earlier block t", "block j"),
+        ]
     gates = np.stack([np.asarray(b["gates"][0]).mean(0) for b in blocks])
     lambdas = np.stack([_per_head(np.abs(np.asarray(p["lambda"]))) for p in block_params])
     panels = [
         ("static: sigmoid gates", gates, "head", "block"),
         ("static: |λ| per head", lambdas, "head", "block"),
     ]
-    if family == "dla_l" and "refresh" in blocks[0]:
+    if family == "dla_l":
         refresh = np.stack([_per_head(np.asarray(b["refresh"][0]).mean(0)) for b in blocks])
         panels.append(("dynamic: DSU refresh gate d", refresh, "head", "block"))
     return panels
