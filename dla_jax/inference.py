@@ -24,6 +24,7 @@ class Predictor:
     way evaluation did during training.
     """
 
+    model: Any
     predict: Callable[[jax.Array], jax.Array]
     variables: dict[str, Any]
     model_config: dict[str, Any]
@@ -44,14 +45,6 @@ class Predictor:
 def load(path: str | os.PathLike) -> Predictor:
     """Reads the export at `path` and builds its model in eval mode."""
     variables, model_config, data_info = load_export(path)
-    model = models.create_model(
-        model_config["family"],
-        layout=model_config["layout"],
-        depth=model_config["depth"],
-        num_classes=model_config["num_classes"],
-        dsu_context=model_config["dsu_context"],
-        dtype=jnp.dtype(model_config["dtype"]),
-        scan_blocks=model_config["scan_blocks"],
-    )
+    model = models.from_config(model_config, model_config["num_classes"])
     predict = jax.jit(lambda variables, images: model.apply(variables, images, train=False).astype(jnp.float32))
-    return Predictor(predict=predict, variables=variables, model_config=model_config, data_info=data_info)
+    return Predictor(model=model, predict=predict, variables=variables, model_config=model_config, data_info=data_info)

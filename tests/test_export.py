@@ -12,6 +12,7 @@ from dla_jax import inference
 from dla_jax.data import open_source
 from dla_jax.export import export_run
 from dla_jax.export_format import ExportFormatError
+from dla_jax import models
 from dla_jax.train import loop
 from train_helpers import cpu_env, enable_compilation_cache, tiny_digits_config
 
@@ -29,7 +30,7 @@ def test_export_load_predict_round_trip(tmp_path):
     test_digits = open_source(config.data, "test")
     raw = np.stack([test_digits[i][0] for i in range(4)])
     images = predictor.preprocess(raw)
-    expected = loop.build_model(config.model, 10).apply(jax.device_get(state.variables()), images, train=False)
+    expected = models.from_config(config.model, 10).apply(jax.device_get(state.variables()), images, train=False)
     np.testing.assert_allclose(predictor(images), expected, rtol=1e-5, atol=1e-5)
 
     paths = []

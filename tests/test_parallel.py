@@ -1,6 +1,5 @@
 """Tests for dla_jax.parallel: mesh, FSDP rule, global batches, multi-process start-up."""
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -1,11 +1,9 @@
 """End-to-end training runs: digits and mock CIFAR, exact resume, preemption, 1 vs 8 devices."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ __all__ = [
     "LAYOUTS",
     "DSU_CONTEXTS",
     "create_model",
+    "from_config",
     "validate_depth",
     "stage_sizes",
     "stack_blocks",
@@ -64,4 +65,21 @@ def create_model(
         drop_path=drop_path,
         dtype=jnp.dtype(dtype),
         scan_blocks=scan_blocks,
+    )
+
+
+def from_config(model_config: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The model a training config's `model` section (or an export's model config) describes.
+
+    Exports hold no `drop_path`: it only acts in training, so it is 0 there.
+    """
+    return create_model(
+        model_config["family"],
+        layout=model_config["layout"],
+        depth=model_config["depth"],
+        num_classes=num_classes,
+        dsu_context=model_config["dsu_context"],
+        drop_path=model_config.get("drop_path", 0.0),
+        dtype=jnp.dtype(model_config["dtype"]),
+        scan_blocks=model_config["scan_blocks"],
     )

@@ -26,20 +26,6 @@ from dla_jax.train.step import eval_step, train_step
 from dla_jax.train.validation import ConfigError, validate_config
 
 
-def build_model(model_config: ml_collections.ConfigDict | dict, num_classes: int) -> Any:
-    """The Flax module that a config (or an exported model config) describes."""
-    return models.create_model(
-        model_config["family"],
-        layout=model_config["layout"],
-        depth=model_config["depth"],
-        num_classes=num_classes,
-        dsu_context=model_config["dsu_context"],
-        drop_path=model_config["drop_path"],
-        dtype=jnp.dtype(model_config["dtype"]),
-        scan_blocks=model_config["scan_blocks"],
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """Everything derived from the config before training starts."""
@@ -55,7 +41,7 @@ class Run:
 
 def build_run(config: ml_collections.ConfigDict, data_info: dict[str, Any]) -> Run:
     """Model, optimiser, schedule and the state's abstract shape (no arrays are made)."""
-    model = build_model(config.model, data_info["num_classes"])
+    model = models.from_config(config.model, data_info["num_classes"])
     steps_per_epoch = data_info["num_train"] / config.train.batch_size
     total_steps = optim.total_train_steps(config.train, steps_per_epoch)
     lr_schedule = optim.create_lr_schedule(config.train, steps_per_epoch, total_steps)
@@ -92,10 +78,6 @@ class _PreemptionFlag:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def _every(epochs: float, steps_per_epoch: float) -> int:
-    return optim.steps_for_epochs(epochs, steps_per_epoch)
 
 
 def evaluate(
@@ -193,8 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     progress = Progress(start_step=start_step, total_steps=run.total_steps, enabled=is_main)
     progress.message(_start_banner(config, info, run, start_step, mesh))
     log_every = config.train.log_every_steps
-    eval_every = _every(config.train.eval_every_epochs, run.steps_per_epoch)
-    checkpoint_every = _every(config.train.checkpoint_every_epochs, run.steps_per_epoch)
+    eval_every = optim.steps_for_epochs(config.train.eval_every_epochs, run.steps_per_epoch)
+    checkpoint_every = optim.steps_for_epochs(config.train.checkpoint_every_epochs, run.steps_per_epoch)
 
     preemption = _PreemptionFlag()
     train_iter = data.train_batches(
