@@ -12,7 +12,7 @@ import pytest
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
-from dla_jax.models.layers import DropPath
+from dla_jax.models.layers import DropPath, conv2d
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
 
@@ -205,3 +205,18 @@ def test_bad_arguments_name_what_is_allowed(kwargs, message):
     family = arguments.pop("family")
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
         create_model(family, **arguments)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
+def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
+    """conv2d's hand-written kernel gradient (used on the CPU) equals XLA's own."""
+    pad = (kernel_size - 1) // 2
+    x = jax.random.normal(jax.random.key(0), (3, 11, 11, 4))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 5))
+
+    def reference(x, kernel):
+        y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y))
+
+    ours = jax.grad(lambda x, kernel: jnp.sum(jnp.sin(conv2d(x, kernel, stride, pad))), argnums=(0, 1))(x, kernel)
+    chex.assert_trees_all_close(ours, jax.grad(reference, argnums=(0, 1))(x, kernel), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ BatchNorm keeps the *unbiased* running variance, and inits follow torch's defaul
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -31,19 +32,85 @@ def torch_default_uniform(fan_in: int) -> Initializer:
     return init
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str) -> nn.Conv:
-    """A bias-free conv padding (kernel-1)/2 on each side, as torch's `padding=k//2`."""
-    pad = (kernel - 1) // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=conv_kernel_init,
-        name=name,
+def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+def _kernel_grad_by_conv(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad: int) -> jax.Array:
+    return jax.vjp(lambda k: _conv2d(x, k, stride, pad), kernel)[1](dy)[0]
+
+
+def _kernel_grad_by_matmuls(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad: int) -> jax.Array:
+    """dW[i, j] = x_window(i, j)ᵀ · dy: one [Cin, Cout] matmul per kernel tap."""
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    height, width = dy.shape[1], dy.shape[2]
+    taps = [
+        [
+            jnp.einsum(
+                "bhwc,bhwd->cd",
+                padded[:, i : i + stride * (height - 1) + 1 : stride, j : j + stride * (width - 1) + 1 : stride],
+                dy,
+                preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32),
+            )
+            for j in range(kernel.shape[1])
+        ]
+        for i in range(kernel.shape[0])
+    ]
+    return jnp.array(taps).astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """NHWC x HWIO convolution, symmetric padding; its kernel gradient avoids an XLA:CPU trap.
+
+    Inside a `while` loop (our `nn.scan` over blocks) XLA:CPU computes the kernel
+    gradient of a convolution about 30x slower than outside one; on the CPU this takes it
+    as k*k matmuls instead. Other backends use the usual transposed convolution.
+    """
+    return _conv2d(x, kernel, stride, pad)
+
+
+def _conv2d_forward(x, kernel, stride, pad):
+    return _conv2d(x, kernel, stride, pad), (x, kernel)
+
+
+def _conv2d_backward(stride, pad, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda inputs: _conv2d(inputs, kernel, stride, pad), x)[1](dy)[0]
+    dkernel = jax.lax.platform_dependent(
+        x,
+        kernel,
+        dy,
+        cpu=functools.partial(_kernel_grad_by_matmuls, stride=stride, pad=pad),
+        default=functools.partial(_kernel_grad_by_conv, stride=stride, pad=pad),
+    )
+    return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_forward, _conv2d_backward)
+
+
+class Conv(nn.Module):
+    """A bias-free conv padding (kernel-1)/2 on each side, as torch's `padding=k//2`."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", conv_kernel_init, shape, jnp.float32)
+        pad = (self.kernel_size - 1) // 2
+        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str) -> Conv:
+    """The convolutions of every family (stem, bottleneck, projection shortcut)."""
+    return Conv(features, kernel, stride, dtype, name=name)
 
 
 class Dense(nn.Module):
