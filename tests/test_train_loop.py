@@ -117,8 +117,12 @@ def test_one_device_and_eight_devices_agree(tmp_path):
 
     one_variables, _, _ = load_export(tmp_path / "one_export")
     eight_variables = jax.device_get(eight.variables())
+    # float32 sums over the global batch reduce in another order on 8 devices (the CPU conv
+    # kernel gradient is a matmul whose batch sum XLA splits per device), and a conv feeding
+    # a train-mode BN has a gradient of heavily cancelling terms: up to ~2e-4 after 4 steps
+    # (stem conv). The losses below must still agree to 1e-4 relative.
     for a, b in zip(jax.tree.leaves(one_variables), jax.tree.leaves(eight_variables), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-4)
     one_losses = [r["train_loss"] for r in read_metrics(tmp_path / "one") if "train_loss" in r]
     eight_losses = [r["train_loss"] for r in read_metrics(tmp_path / "eight") if "train_loss" in r]
     np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-4)
