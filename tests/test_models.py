@@ -12,7 +12,7 @@ import pytest
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
-from dla_jax.models.layers import DropPath, conv2d
+from dla_jax.models.layers import DropPath, conv2d, depthwise_conv3x3
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
 
@@ -220,3 +220,26 @@ def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
 
     ours = jax.grad(lambda x, kernel: jnp.sum(jnp.sin(conv2d(x, kernel, stride, pad))), argnums=(0, 1))(x, kernel)
     chex.assert_trees_all_close(ours, jax.grad(reference, argnums=(0, 1))(x, kernel), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 6, 16, 17, 48])
+def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
+    """The nine-product depthwise conv and its custom VJP (batch split into chunks that
+    divide it: 1, 6, 16, 1 and 16 here) equal XLA's grouped convolution."""
+    channels = 5
+    x = jax.random.normal(jax.random.key(0), (batch, 6, 7, channels))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
+        )
+
+    chex.assert_trees_all_close(depthwise_conv3x3(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))  # noqa: E731
+    chex.assert_trees_all_close(
+        jax.grad(loss(depthwise_conv3x3), argnums=(0, 1))(x, kernel),
+        jax.grad(loss(reference), argnums=(0, 1))(x, kernel),
+        rtol=1e-5,
+        atol=1e-4,
+    )

@@ -131,14 +131,15 @@ class Dense(nn.Module):
         )(x)
 
 
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise 3x3 conv, padding 1, as a sum of nine shifted products.
+def _pad_once(x: jax.Array) -> jax.Array:
+    """Zero-pad H and W by 1, materialised once: XLA:CPU otherwise copies each shifted slice."""
+    return jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
 
-    `kernel` is [3, 3, 1, C] (Flax's grouped-conv layout). XLA's grouped convolution is
-    slow on CPU; nine shifted multiply-adds fuse into one loop and are exact.
-    """
+
+def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Σ_ij pad(x)[i:i+H, j:j+W] * kernel[i, j]: a depthwise 3x3 conv that fuses into one loop."""
     height, width = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    padded = _pad_once(x)
     kernel = kernel.astype(x.dtype)
     out = None
     for i in range(3):
@@ -146,6 +147,67 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
             term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, batch_chunks: int) -> jax.Array:
+    """dkernel[i, j] = Σ_bhw pad(x)[b, h+i, w+j] * dy[b, h, w], as [3, 3, C] in float32+.
+
+    Each tap first sums its products over `batch_chunks` slices of the batch inside one
+    elementwise loop (vectorised, one pass over x and dy), so the final reduction runs
+    over a tensor `batch_chunks` times smaller: XLA:CPU's reductions over slices are slow.
+    """
+    height, width = x.shape[1], x.shape[2]
+    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
+    padded = _pad_once(x)
+    rows = x.shape[0] // batch_chunks
+    taps = []
+    for i in range(3):
+        for j in range(3):
+            terms = (
+                padded[k * rows : (k + 1) * rows, i : i + height, j : j + width, :].astype(accumulate)
+                * dy[k * rows : (k + 1) * rows].astype(accumulate)
+                for k in range(batch_chunks)
+            )
+            taps.append(functools.reduce(jnp.add, terms))
+    return jnp.sum(jnp.stack(taps, axis=-2), axis=(0, 1, 2)).reshape(3, 3, -1)
+
+
+def _batch_chunks(batch: int, most: int = 16) -> int:
+    """The largest divisor of the batch up to `most`: how many slices one loop sums."""
+    return max(k for k in range(1, min(batch, most) + 1) if batch % k == 0)
+
+
+@jax.custom_vjp
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Depthwise 3x3 conv, padding 1, as a sum of nine shifted products.
+
+    `kernel` is [3, 3, 1, C] (Flax's grouped-conv layout). XLA's grouped convolution is
+    slow on CPU; nine shifted multiply-adds fuse into one loop and are exact. The custom
+    VJP keeps only `x` for the backward pass (autodiff would keep nine shifted copies)
+    and computes the kernel gradient in a form XLA:CPU runs fast (see
+    `_depthwise_kernel_grad`); other backends reduce each tap directly.
+    """
+    return _shifted_products(x, kernel)
+
+
+def _depthwise_forward(x, kernel):
+    return _shifted_products(x, kernel), (x, kernel)
+
+
+def _depthwise_backward(residuals, dy):
+    """dx is the same conv of dy with the kernel flipped; dkernel sums x's shifts times dy."""
+    x, kernel = residuals
+    dx = _shifted_products(dy, kernel[::-1, ::-1])
+    dkernel = jax.lax.platform_dependent(
+        x,
+        dy,
+        cpu=functools.partial(_depthwise_kernel_grad, batch_chunks=_batch_chunks(x.shape[0])),
+        default=functools.partial(_depthwise_kernel_grad, batch_chunks=1),
+    )
+    return dx, dkernel[:, :, None, :].astype(kernel.dtype)
+
+
+depthwise_conv3x3.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 def depthwise_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
