@@ -12,6 +12,7 @@ import pytest
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
+from dla_jax.models.layer_attention import weighted_values
 from dla_jax.models.layers import DropPath, conv2d, depthwise_conv3x3
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
@@ -236,10 +237,28 @@ def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
         )
 
     chex.assert_trees_all_close(depthwise_conv3x3(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
-    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))  # noqa: E731
+    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))
     chex.assert_trees_all_close(
         jax.grad(loss(depthwise_conv3x3), argnums=(0, 1))(x, kernel),
         jax.grad(loss(reference), argnums=(0, 1))(x, kernel),
         rtol=1e-5,
         atol=1e-4,
+    )
+
+
+def test_dla_b_weighted_values_and_gradients_equal_einsum():
+    """DLA-B's cache read (hand-written VJP) equals the plain einsum, values and gradients."""
+    weights = jax.random.normal(jax.random.key(0), (4, 3, 6))
+    values = jax.random.normal(jax.random.key(1), (4, 3, 5, 7, 6))
+
+    def reference(weights, values):
+        return jnp.einsum("tbc,tbhwc->bhwc", weights, values)
+
+    chex.assert_trees_all_close(weighted_values(weights, values), reference(weights, values), rtol=1e-5, atol=1e-5)
+    loss = lambda attend: lambda weights, values: jnp.sum(jnp.sin(attend(weights, values)))
+    chex.assert_trees_all_close(
+        jax.grad(loss(weighted_values), argnums=(0, 1))(weights, values),
+        jax.grad(loss(reference), argnums=(0, 1))(weights, values),
+        rtol=1e-5,
+        atol=1e-5,
     )

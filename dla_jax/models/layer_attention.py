@@ -70,3 +70,29 @@ def light_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple
     """MRLA-light: value gated per head by sigmoid(q·k / sqrt(32)). Returns (out, gates)."""
     gates = nn.sigmoid(head_scores(query, key))
     return value * expand_heads(gates).astype(value.dtype)[:, None, None, :], gates
+
+
+@jax.custom_vjp
+def weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """Σ_t weights[t] ⊙ values[t]: per-channel weights [T, B, C], values [T, B, H, W, C].
+
+    DLA-B's read of its cache: T products summed in one loop, with a hand-written VJP.
+    As an einsum XLA:CPU lowers it to a slow batched dot; autodiff of the T-term sum pads
+    each term's gradient to the whole [T, ...] cache before adding (T² work per block).
+    """
+    return sum(weights[t, :, None, None, :] * values[t] for t in range(values.shape[0]))
+
+
+def _weighted_values_forward(weights, values):
+    return weighted_values(weights, values), (weights, values)
+
+
+def _weighted_values_backward(residuals, d_out):
+    weights, values = residuals
+    d_values = weights[:, :, None, None, :] * d_out[None]
+    accumulate = jnp.promote_types(weights.dtype, jnp.float32)
+    d_weights = jnp.stack([jnp.sum(values[t] * d_out, axis=(1, 2), dtype=accumulate) for t in range(values.shape[0])])
+    return d_weights.astype(weights.dtype), d_values.astype(values.dtype)
+
+
+weighted_values.defvjp(_weighted_values_forward, _weighted_values_backward)

@@ -131,15 +131,19 @@ class Dense(nn.Module):
         )(x)
 
 
-def _pad_once(x: jax.Array) -> jax.Array:
-    """Zero-pad H and W by 1, materialised once: XLA:CPU otherwise copies each shifted slice."""
+def _pad(x: jax.Array) -> jax.Array:
+    """Zero-pad H and W by 1 behind a barrier, so XLA keeps one padded tensor and slices it.
+
+    Without it XLA folds the pad into each of the nine shifted slices, and XLA:CPU then
+    writes them out as nine separate copies (DLA-L-20 train step 8% slower).
+    """
     return jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
 
 
 def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Σ_ij pad(x)[i:i+H, j:j+W] * kernel[i, j]: a depthwise 3x3 conv that fuses into one loop."""
     height, width = x.shape[1], x.shape[2]
-    padded = _pad_once(x)
+    padded = _pad(x)
     kernel = kernel.astype(x.dtype)
     out = None
     for i in range(3):
@@ -158,7 +162,7 @@ def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, batch_chunks: int) -> ja
     """
     height, width = x.shape[1], x.shape[2]
     accumulate = jnp.promote_types(dy.dtype, jnp.float32)
-    padded = _pad_once(x)
+    padded = _pad(x)
     rows = x.shape[0] // batch_chunks
     taps = []
     for i in range(3):
