@@ -208,6 +208,14 @@ def test_bad_arguments_name_what_is_allowed(kwargs, message):
         create_model(family, **arguments)
 
 
+def assert_values_and_gradients_close(ours, reference, *args, atol=1e-5, gradient_atol=1e-5):
+    """ours(*args) equals reference(*args), and so do the gradients of Σ sin(·) in every argument."""
+    chex.assert_trees_all_close(ours(*args), reference(*args), rtol=1e-5, atol=atol)
+    argnums = tuple(range(len(args)))
+    gradients = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=argnums)(*args) for f in (ours, reference)]
+    chex.assert_trees_all_close(*gradients, rtol=1e-5, atol=gradient_atol)
+
+
 @pytest.mark.parametrize("kernel_size, stride", [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
 def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
     """conv2d's hand-written kernel gradient (used on the CPU) equals XLA's own."""
@@ -216,11 +224,11 @@ def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 5))
 
     def reference(x, kernel):
-        y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sum(jnp.sin(y))
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
-    ours = jax.grad(lambda x, kernel: jnp.sum(jnp.sin(conv2d(x, kernel, stride, pad))), argnums=(0, 1))(x, kernel)
-    chex.assert_trees_all_close(ours, jax.grad(reference, argnums=(0, 1))(x, kernel), rtol=1e-5, atol=1e-5)
+    assert_values_and_gradients_close(lambda x, kernel: conv2d(x, kernel, stride, pad), reference, x, kernel)
 
 
 @pytest.mark.parametrize("batch", [1, 6, 16, 17, 48])
@@ -236,29 +244,13 @@ def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
             x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
         )
 
-    chex.assert_trees_all_close(depthwise_conv3x3(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
-    loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))
-    chex.assert_trees_all_close(
-        jax.grad(loss(depthwise_conv3x3), argnums=(0, 1))(x, kernel),
-        jax.grad(loss(reference), argnums=(0, 1))(x, kernel),
-        rtol=1e-5,
-        atol=1e-4,
-    )
+    assert_values_and_gradients_close(depthwise_conv3x3, reference, x, kernel, gradient_atol=1e-4)
 
 
 def test_dla_b_weighted_values_and_gradients_equal_einsum():
     """DLA-B's cache read (hand-written VJP) equals the plain einsum, values and gradients."""
     weights = jax.random.normal(jax.random.key(0), (4, 3, 6))
     values = jax.random.normal(jax.random.key(1), (4, 3, 5, 7, 6))
-
-    def reference(weights, values):
-        return jnp.einsum("tbc,tbhwc->bhwc", weights, values)
-
-    chex.assert_trees_all_close(weighted_values(weights, values), reference(weights, values), rtol=1e-5, atol=1e-5)
-    loss = lambda attend: lambda weights, values: jnp.sum(jnp.sin(attend(weights, values)))
-    chex.assert_trees_all_close(
-        jax.grad(loss(weighted_values), argnums=(0, 1))(weights, values),
-        jax.grad(loss(reference), argnums=(0, 1))(weights, values),
-        rtol=1e-5,
-        atol=1e-5,
+    assert_values_and_gradients_close(
+        weighted_values, lambda weights, values: jnp.einsum("tbc,tbhwc->bhwc", weights, values), weights, values
     )
