@@ -61,6 +61,13 @@ def _kernel_grad_by_matmuls(x: jax.Array, kernel: jax.Array, dy: jax.Array, stri
     return jnp.array(taps).astype(kernel.dtype)
 
 
+def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad: int) -> jax.Array:
+    if stride == 1:
+        flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+        return _conv2d(dy, flipped, 1, kernel.shape[0] - 1 - pad)
+    return jax.vjp(lambda inputs: _conv2d(inputs, kernel, stride, pad), x)[1](dy)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """NHWC x HWIO convolution, symmetric padding; its kernel gradient avoids an XLA:CPU trap.
@@ -78,7 +85,7 @@ def _conv2d_forward(x, kernel, stride, pad):
 
 def _conv2d_backward(stride, pad, residuals, dy):
     x, kernel = residuals
-    dx = jax.vjp(lambda inputs: _conv2d(inputs, kernel, stride, pad), x)[1](dy)[0]
+    dx = _input_grad(x, kernel, dy, stride, pad)
     dkernel = jax.lax.platform_dependent(
         x,
         kernel,
