@@ -176,6 +176,7 @@ class Case:
                 self.result[f"{mode}_step_s"] = median
                 self.result[f"{mode}_images_per_s"] = batch / median
                 self.result[f"{mode}_steps_timed"] = len(kept)
+                self.result[f"{mode}_step_times_s"] = kept
         self.result["device_peak_bytes"] = _device_peak_bytes(self.devices)
         return self.result
 

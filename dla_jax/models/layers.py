@@ -49,7 +49,7 @@ def _kernel_grad_by_matmuls(x: jax.Array, kernel: jax.Array, dy: jax.Array, stri
     taps = [
         [
             jnp.einsum(
-                "bhwc,bhwd->cd",
+                "bhwc,bhwd->dc",
                 padded[:, i : i + stride * (height - 1) + 1 : stride, j : j + stride * (width - 1) + 1 : stride],
                 dy,
                 preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32),
@@ -58,7 +58,7 @@ def _kernel_grad_by_matmuls(x: jax.Array, kernel: jax.Array, dy: jax.Array, stri
         ]
         for i in range(kernel.shape[0])
     ]
-    return jnp.array(taps).astype(kernel.dtype)
+    return jnp.array(taps).swapaxes(2, 3).astype(kernel.dtype)
 
 
 def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad: int) -> jax.Array:
