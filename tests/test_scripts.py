@@ -32,11 +32,12 @@ def compilation_cache():
     enable_compilation_cache()
 
 
-def test_benchmark_writes_json_and_markdown(tmp_path):
+@pytest.mark.parametrize("order", [[], ["--interleave"]])
+def test_benchmark_writes_json_and_markdown(tmp_path, order):
     benchmark = load_script("benchmark")
     out, table = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = ["--families", "resnet,mrla_l", "--depths", "11", "--batch-sizes", "4", "--image-size", "8"]
-    argv += ["--steps", "1", "--warmup", "1", "--devices", "2", "--out", str(out), "--markdown", str(table)]
+    argv += ["--steps", "2", "--warmup", "1", "--devices", "2", "--out", str(out), "--markdown", str(table), *order]
     assert benchmark.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["machine"]["backend"] == "cpu"
@@ -46,6 +47,7 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
         for mode in ("train", "eval"):
             assert result[f"{mode}_images_per_s"] > 0 and result[f"{mode}_compile_s"] > 0
             assert result[f"{mode}_xla_gflops_per_image"] > 0
+            assert len(result[f"{mode}_step_times_s"]) == 2
         assert result["train_vs_resnet"] > 0
     assert table.read_text().count("\n") == 2 + len(results)
 

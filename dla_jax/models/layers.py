@@ -43,7 +43,12 @@ def _kernel_grad_by_conv(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride:
 
 
 def _kernel_grad_by_matmuls(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad: int) -> jax.Array:
-    """dW[i, j] = x_window(i, j)ᵀ · dy: one [Cin, Cout] matmul per kernel tap."""
+    """dW[i, j] = x_window(i, j)ᵀ · dy: one matmul per kernel tap.
+
+    Each tap is contracted into [Cout, Cin] and the small result transposed: contracting
+    into [Cin, Cout] made XLA:CPU transpose-copy x, and in unrolled stages it fused the
+    whole chain of earlier blocks into that copy (ResNet-56 unrolled step 19% slower).
+    """
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     height, width = dy.shape[1], dy.shape[2]
     taps = [
@@ -62,6 +67,12 @@ def _kernel_grad_by_matmuls(x: jax.Array, kernel: jax.Array, dy: jax.Array, stri
 
 
 def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad: int) -> jax.Array:
+    """dx: for stride 1, the conv of dy with the kernel flipped and its I/O swapped, in HWIO.
+
+    Autodiff's transposed conv reads the kernel as HWOI; inside a `while` loop XLA:CPU
+    then runs it without YNNPACK, ~10x slower (the barrier keeps XLA from folding the
+    swap back into the dimension numbers). Strided convs (never inside the scan) keep it.
+    """
     if stride == 1:
         flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
         return _conv2d(dy, flipped, 1, kernel.shape[0] - 1 - pad)
@@ -70,11 +81,12 @@ def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """NHWC x HWIO convolution, symmetric padding; its kernel gradient avoids an XLA:CPU trap.
+    """NHWC x HWIO convolution, symmetric padding; its gradients avoid XLA:CPU traps.
 
-    Inside a `while` loop (our `nn.scan` over blocks) XLA:CPU computes the kernel
-    gradient of a convolution about 30x slower than outside one; on the CPU this takes it
-    as k*k matmuls instead. Other backends use the usual transposed convolution.
+    Inside a `while` loop (our `nn.scan` over blocks) XLA:CPU computes both gradients of
+    a convolution far slower than outside one: the kernel gradient about 30x (on the CPU
+    it is taken as k*k matmuls instead; other backends keep the transposed convolution),
+    the input gradient about 10x (see `_input_grad`).
     """
     return _conv2d(x, kernel, stride, pad)
 
@@ -160,17 +172,15 @@ def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out
 
 
-def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, batch_chunks: int) -> jax.Array:
-    """dkernel[i, j] = Σ_bhw pad(x)[b, h+i, w+j] * dy[b, h, w], as [3, 3, C] in float32+.
+def _tap_sums(padded: jax.Array, dy: jax.Array, batch_chunks: int, accumulate: Dtype) -> jax.Array:
+    """Σ_bhw padded[b, h+i, w+j] * dy[b, h, w] for the nine taps (i, j), as [9, C].
 
     Each tap first sums its products over `batch_chunks` slices of the batch inside one
-    elementwise loop (vectorised, one pass over x and dy), so the final reduction runs
-    over a tensor `batch_chunks` times smaller: XLA:CPU's reductions over slices are slow.
+    elementwise loop, so the final reduction runs over a tensor `batch_chunks` times
+    smaller: XLA:CPU's reductions over slices are slow.
     """
-    height, width = x.shape[1], x.shape[2]
-    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
-    padded = _pad(x)
-    rows = x.shape[0] // batch_chunks
+    height, width = dy.shape[1], dy.shape[2]
+    rows = dy.shape[0] // batch_chunks
     taps = []
     for i in range(3):
         for j in range(3):
@@ -180,11 +190,29 @@ def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, batch_chunks: int) -> ja
                 for k in range(batch_chunks)
             )
             taps.append(functools.reduce(jnp.add, terms))
-    return jnp.sum(jnp.stack(taps, axis=-2), axis=(0, 1, 2)).reshape(3, 3, -1)
+    return jnp.sum(jnp.stack(taps, axis=-2), axis=(0, 1, 2))
 
 
-def _batch_chunks(batch: int, most: int = 16) -> int:
-    """The largest divisor of the batch up to `most`: how many slices one loop sums."""
+def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, tile: int, batch_chunks: int) -> jax.Array:
+    """dkernel[i, j] = Σ_bhw pad(x)[b, h+i, w+j] * dy[b, h, w], as [3, 3, C] in float32+.
+
+    A loop over batch tiles of `tile` images, small enough to stay in cache while the
+    nine taps read them (`_tap_sums`); 20% faster than nine passes over the whole batch
+    on CPU for the 32x32 and 16x16 stages.
+    """
+    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
+    padded = _pad(x)
+
+    def add_tile(index, total):
+        rows = (jax.lax.dynamic_slice_in_dim(a, index * tile, tile) for a in (padded, dy))
+        return total + _tap_sums(*rows, batch_chunks, accumulate)
+
+    total = jax.lax.fori_loop(0, x.shape[0] // tile, add_tile, jnp.zeros((9, x.shape[-1]), accumulate))
+    return total.reshape(3, 3, -1)
+
+
+def _batch_tile(batch: int, most: int = 16) -> int:
+    """The largest divisor of the batch up to `most`: the images one tile (or one loop) sums."""
     return max(k for k in range(1, min(batch, most) + 1) if batch % k == 0)
 
 
@@ -209,11 +237,12 @@ def _depthwise_backward(residuals, dy):
     """dx is the same conv of dy with the kernel flipped; dkernel sums x's shifts times dy."""
     x, kernel = residuals
     dx = _shifted_products(dy, kernel[::-1, ::-1])
+    tile = _batch_tile(x.shape[0])
     dkernel = jax.lax.platform_dependent(
         x,
         dy,
-        cpu=functools.partial(_depthwise_kernel_grad, batch_chunks=_batch_chunks(x.shape[0])),
-        default=functools.partial(_depthwise_kernel_grad, batch_chunks=1),
+        cpu=functools.partial(_depthwise_kernel_grad, tile=tile, batch_chunks=tile),
+        default=functools.partial(_depthwise_kernel_grad, tile=x.shape[0], batch_chunks=1),
     )
     return dx, dkernel[:, :, None, :].astype(kernel.dtype)
 
