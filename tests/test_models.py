@@ -12,7 +12,7 @@ import pytest
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
-from dla_jax.models.layer_attention import weighted_values
+from dla_jax.models.layer_attention import hand_back_final_values, weighted_values, weighted_values_saving_nothing
 from dla_jax.models.layers import DropPath, conv2d, depthwise_conv3x3
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
@@ -254,3 +254,40 @@ def test_dla_b_weighted_values_and_gradients_equal_einsum():
     assert_values_and_gradients_close(
         weighted_values, lambda weights, values: jnp.einsum("tbc,tbhwc->bhwc", weights, values), weights, values
     )
+
+
+def _attend_over_cache(xs, query, saving_nothing, scan):
+    """A DLA-B-like loop: append tanh(x + previous output) to a cache, softmax-attend over it."""
+    steps = xs.shape[0]
+
+    def step(carry, x):
+        out, cache, final_values, index = carry
+        cache = jax.lax.dynamic_update_index_in_dim(cache, jnp.tanh(x + out), index, 0)
+        scores = jnp.mean(cache * query, axis=(2, 3))
+        weights = jax.nn.softmax(jnp.where((jnp.arange(steps) <= index)[:, None, None], scores, -jnp.inf), axis=0)
+        if saving_nothing:
+            out, final_values = weighted_values_saving_nothing(weights, cache, final_values)
+        else:
+            out = weighted_values(weights, cache)
+        return (out, cache, final_values, index + 1), None
+
+    carry = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), jnp.zeros_like(xs), 0)
+    if scan:
+        carry, _ = jax.lax.scan(step, carry, xs)
+    else:
+        for x in xs:
+            carry, _ = step(carry, x)
+    out, cache, final_values, _ = carry
+    if saving_nothing:
+        out = hand_back_final_values(out, cache, final_values)
+    return jnp.sum(jnp.sin(out))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_dla_b_cache_read_saving_nothing_has_the_same_gradients(scan):
+    """The final cache handed back through the backward pass gives autodiff's gradients."""
+    xs = jax.random.normal(jax.random.key(0), (4, 2, 3, 3, 5))
+    query = jax.random.normal(jax.random.key(1), (2, 3, 3, 5))
+    gradient = jax.grad(_attend_over_cache, argnums=(0, 1))
+    gradients = [gradient(xs, query, saving_nothing, scan) for saving_nothing in (True, False)]
+    chex.assert_trees_all_close(*gradients, rtol=1e-5, atol=1e-6)

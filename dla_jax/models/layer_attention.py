@@ -72,6 +72,17 @@ def light_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple
     return value * expand_heads(gates).astype(value.dtype)[:, None, None, :], gates
 
 
+def _weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
+    return sum(weights[t, :, None, None, :] * values[t] for t in range(values.shape[0]))
+
+
+def _weighted_sum_gradients(weights: jax.Array, values: jax.Array, d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    d_values = weights[:, :, None, None, :] * d_out[None]
+    accumulate = jnp.promote_types(weights.dtype, jnp.float32)
+    d_weights = jnp.stack([jnp.sum(values[t] * d_out, axis=(1, 2), dtype=accumulate) for t in range(values.shape[0])])
+    return d_weights.astype(weights.dtype), d_values.astype(values.dtype)
+
+
 @jax.custom_vjp
 def weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
     """Σ_t weights[t] ⊙ values[t]: per-channel weights [T, B, C], values [T, B, H, W, C].
@@ -80,19 +91,64 @@ def weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
     As an einsum XLA:CPU lowers it to a slow batched dot; autodiff of the T-term sum pads
     each term's gradient to the whole [T, ...] cache before adding (T² work per block).
     """
-    return sum(weights[t, :, None, None, :] * values[t] for t in range(values.shape[0]))
+    return _weighted_sum(weights, values)
 
 
 def _weighted_values_forward(weights, values):
-    return weighted_values(weights, values), (weights, values)
+    return _weighted_sum(weights, values), (weights, values)
 
 
 def _weighted_values_backward(residuals, d_out):
-    weights, values = residuals
-    d_values = weights[:, :, None, None, :] * d_out[None]
-    accumulate = jnp.promote_types(weights.dtype, jnp.float32)
-    d_weights = jnp.stack([jnp.sum(values[t] * d_out, axis=(1, 2), dtype=accumulate) for t in range(values.shape[0])])
-    return d_weights.astype(weights.dtype), d_values.astype(values.dtype)
+    return _weighted_sum_gradients(*residuals, d_out)
 
 
 weighted_values.defvjp(_weighted_values_forward, _weighted_values_backward)
+
+
+@jax.custom_vjp
+def weighted_values_saving_nothing(
+    weights: jax.Array, values: jax.Array, final_values: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`weighted_values` that keeps no copy of the cache for the backward pass.
+
+    Saving the cache at every block of a stage costs T² memory and copies (at depth 56,
+    zero-filling and filling those saved stacks took a quarter of the DLA-B step). Here
+    `final_values` is a carry that does nothing forward; in the backward pass its
+    cotangent brings the stage's *final* cache (`hand_back_final_values`), which equals
+    this block's cache in every slot this block's weights reach. In the others the
+    weights are softmax zeros, so what is read there cannot change any gradient.
+    Returns (Σ_t weights[t] ⊙ values[t], final_values).
+    """
+    return _weighted_sum(weights, values), final_values
+
+
+def _saving_nothing_forward(weights, values, final_values):
+    return (_weighted_sum(weights, values), final_values), weights
+
+
+def _saving_nothing_backward(weights, cotangents):
+    d_out, final_values = cotangents
+    return (*_weighted_sum_gradients(weights, final_values, d_out), final_values)
+
+
+weighted_values_saving_nothing.defvjp(_saving_nothing_forward, _saving_nothing_backward)
+
+
+@jax.custom_vjp
+def hand_back_final_values(x: jax.Array, values: jax.Array, final_values: jax.Array) -> jax.Array:
+    """Returns x; in the backward pass, sends the final `values` back as `final_values`' cotangent.
+
+    Applied to a stage's output, the last use of its cache (see `weighted_values_saving_nothing`).
+    """
+    return x
+
+
+def _hand_back_forward(x, values, final_values):
+    return x, values
+
+
+def _hand_back_backward(values, d_x):
+    return d_x, jnp.zeros_like(values), values
+
+
+hand_back_final_values.defvjp(_hand_back_forward, _hand_back_backward)

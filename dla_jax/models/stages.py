@@ -16,7 +16,15 @@ import jax.numpy as jnp
 
 from dla_jax.models.blocks import EXPANSION, Bottleneck
 from dla_jax.models.dsu import apply_dsu, init_dsu_params, refresh_context, zero_context
-from dla_jax.models.layer_attention import Projections, expand_heads, head_scores, light_attention, weighted_values
+from dla_jax.models.layer_attention import (
+    Projections,
+    expand_heads,
+    hand_back_final_values,
+    head_scores,
+    light_attention,
+    weighted_values,
+    weighted_values_saving_nothing,
+)
 from dla_jax.models.layers import (
     BatchNorm,
     DropPath,
@@ -128,7 +136,12 @@ class Unit(nn.Module):
         weights = jax.nn.softmax(jnp.where(filled, scores, -jnp.inf), axis=0)
         self.sow("intermediates", "attention", weights)
         channel_weights = (expand_heads(weights) * cache["value_scales"]).astype(self.dtype)
-        attended = weighted_values(channel_weights, cache["values"])
+        if "final_values" in cache:
+            attended, cache["final_values"] = weighted_values_saving_nothing(
+                channel_weights, cache["values"], cache["final_values"]
+            )
+        else:
+            attended = weighted_values(channel_weights, cache["values"])
         carry["cache"], carry["index"] = cache, index + 1
         return nn.relu(BatchNorm(dtype=self.dtype, name="attention_bn")(attended, self.train))
 
@@ -165,7 +178,7 @@ class Stage(nn.Module):
             train=train,
             dtype=self.dtype,
         )
-        carry = self._initial_carry(x, width)
+        carry = self._initial_carry(x, width, train)
         carry, _ = Unit(stride=self.stride, project=True, name="block_0", **shape_free)(carry, shared)
         rest = self.num_blocks - 1
         if rest and self.scan_blocks:
@@ -183,10 +196,16 @@ class Stage(nn.Module):
         else:
             for j in range(1, self.num_blocks):
                 carry, _ = Unit(stride=1, project=False, name=f"block_{j}", **shape_free)(carry, shared)
+        if "final_values" in carry.get("cache", {}):
+            return hand_back_final_values(carry["x"], carry["cache"]["values"], carry["cache"]["final_values"])
         return carry["x"]
 
-    def _initial_carry(self, x: jax.Array, width: int) -> dict:
-        """Zeros for the DSU context and an empty DLA-B cache sized for this stage."""
+    def _initial_carry(self, x: jax.Array, width: int, train: bool) -> dict:
+        """Zeros for the DSU context and an empty DLA-B cache sized for this stage.
+
+        In training the DLA-B cache also carries `final_values`, the channel that brings the
+        final cache back through the backward pass (`weighted_values_saving_nothing`).
+        """
         if self.family in ("resnet", "mrla_l"):
             return {"x": x}
         batch, vector_dtype = x.shape[0], at_least_float32(self.dtype)
@@ -200,6 +219,8 @@ class Stage(nn.Module):
                 "value_scales": jnp.ones_like(vectors),
                 "values": jnp.zeros((self.num_blocks, batch, height, width_px, width), self.dtype),
             }
+            if train:
+                carry["cache"]["final_values"] = jnp.zeros_like(carry["cache"]["values"])
             carry["index"] = jnp.zeros((), jnp.int32)
         return carry
 
