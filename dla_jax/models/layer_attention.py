@@ -112,12 +112,12 @@ def weighted_values_saving_nothing(
     """`weighted_values` that keeps no copy of the cache for the backward pass.
 
     Saving the cache at every block of a stage costs T² memory and copies (at depth 56,
-    zero-filling and filling those saved stacks took a quarter of the DLA-B step). Here
+    zero-filling and filling those saved stacks took a fifth of the DLA-B step). Here
     `final_values` is a carry that does nothing forward; in the backward pass its
-    cotangent brings the stage's *final* cache (`hand_back_final_values`), which equals
-    this block's cache in every slot this block's weights reach. In the others the
-    weights are softmax zeros, so what is read there cannot change any gradient.
-    Returns (Σ_t weights[t] ⊙ values[t], final_values).
+    cotangent brings the stage's *final* cache (`hand_back_final_values`). As each slot
+    is written once, that equals this block's cache in every slot this block's weights
+    reach; in the others the weights are softmax zeros, so what is read there cannot
+    change any gradient. Returns (Σ_t weights[t] ⊙ values[t], final_values).
     """
     return _weighted_sum(weights, values), final_values
 
