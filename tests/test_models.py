@@ -13,7 +13,7 @@ import pytest
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
 from dla_jax.models.layer_attention import hand_back_final_values, weighted_values, weighted_values_saving_nothing
-from dla_jax.models.layers import DropPath, conv2d, depthwise_conv3x3
+from dla_jax.models.layers import DropPath, _depthwise_kernel_grad, conv2d, depthwise_conv3x3
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
 
@@ -233,7 +233,7 @@ def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
 
 @pytest.mark.parametrize("batch", [1, 6, 16, 17, 48])
 def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
-    """The nine-product depthwise conv and its custom VJP (batch split into chunks that
+    """The nine-product depthwise conv and its custom VJP (batch split into tiles that
     divide it: 1, 6, 16, 1 and 16 here) equal XLA's grouped convolution."""
     channels = 5
     x = jax.random.normal(jax.random.key(0), (batch, 6, 7, channels))
@@ -246,6 +246,24 @@ def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
 
     assert_values_and_gradients_close(depthwise_conv3x3, reference, x, kernel, gradient_atol=1e-4)
 
+
+
+def test_depthwise_kernel_gradient_of_other_backends_equals_xla():
+    """The kernel gradient GPUs/TPUs take (one tile, per-tap reductions; the CPU tiles the
+    batch instead) equals XLA's grouped-convolution kernel gradient."""
+    channels = 5
+    x = jax.random.normal(jax.random.key(0), (12, 6, 7, channels))
+    dy = jax.random.normal(jax.random.key(1), (12, 6, 7, channels))
+
+    def grouped(kernel):
+        dimensions = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimensions, feature_group_count=channels
+        )
+
+    reference = jax.vjp(grouped, jnp.zeros((3, 3, 1, channels)))[1](dy)[0][:, :, 0, :]
+    ours = _depthwise_kernel_grad(x, dy, tile=x.shape[0], batch_chunks=1)
+    chex.assert_trees_all_close(ours, reference, rtol=1e-5, atol=1e-4)
 
 def test_dla_b_weighted_values_and_gradients_equal_einsum():
     """DLA-B's cache read (hand-written VJP) equals the plain einsum, values and gradients."""
