@@ -70,11 +70,10 @@ def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int, pad
     """dx: for stride 1, the conv of dy with the kernel flipped and its I/O swapped, in HWIO.
 
     Autodiff's transposed conv reads the kernel as HWOI; inside a `while` loop XLA:CPU
-    then runs it without YNNPACK, ~10x slower (the barrier keeps XLA from folding the
-    swap back into the dimension numbers). Strided convs (never inside the scan) keep it.
+    then runs it without YNNPACK, ~10x slower. Strided convs (never inside the scan) keep it.
     """
     if stride == 1:
-        flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
         return _conv2d(dy, flipped, 1, kernel.shape[0] - 1 - pad)
     return jax.vjp(lambda inputs: _conv2d(inputs, kernel, stride, pad), x)[1](dy)[0]
 
