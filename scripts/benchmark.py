@@ -6,11 +6,12 @@ r"""Train/eval step throughput, compile time, memory and FLOPs of the model fami
 Every configuration is compiled first; then each runs its steps back to back. On a busy,
 shared machine `--interleave` runs them round-robin instead (one step of each in turn),
 so that load slows all alike; but on an idle CPU interleaving itself slows the smaller
-models (ResNet-20's step ~30% slower between DLA steps), which flatters the ratios. Data is synthetic (random images, labels),
-the step is the training code's own `train_step` (SGD with momentum, weight decay).
-Compile time is the wall time of `lower(...).compile()`. Use `--compile-only` to
-measure compile-time scaling (e.g. `--depths 20,164 --no-scan`). More than one device
-on a CPU needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
+models (ResNet-20's step ~30% slower between DLA steps), which flatters the ratios.
+Data is synthetic (random images, labels), the step is the training code's own
+`train_step` (SGD with momentum, weight decay). Compile time is the wall time of
+`lower(...).compile()`. Use `--compile-only` to measure compile-time scaling (e.g.
+`--depths 20,164 --no-scan`). More than one device on a CPU needs
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
 """
 
 from __future__ import annotations
