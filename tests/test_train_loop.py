@@ -59,14 +59,17 @@ def test_mock_cifar10_runs(tmp_path):
 
 @pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
-    """Stopping at step 3 and running the same command again ends where an uninterrupted run does."""
+    """Stopping at step 3 and running the same command again ends where an uninterrupted run does,
+    and logs each step once: what a killed run logged after its last checkpoint is dropped."""
     straight = loop.train_and_evaluate(tiny_digits_config(train__num_steps=6), tmp_path / "straight")
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path / "resumed")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 4, "train_loss": 99.0}\n{"step": 5, "train_lo')
     resumed = loop.train_and_evaluate(tiny_digits_config(train__num_steps=6), tmp_path / "resumed")
     for a, b in zip(leaves(straight), leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
-    losses = {r["step"]: r["train_loss"] for r in read_metrics(tmp_path / "resumed") if "train_loss" in r}
-    reference = {r["step"]: r["train_loss"] for r in read_metrics(tmp_path / "straight") if "train_loss" in r}
+    losses = [(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / "resumed") if "train_loss" in r]
+    reference = [(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / "straight") if "train_loss" in r]
     assert losses == reference
 
 

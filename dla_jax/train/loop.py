@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     eval_fn = eval_fn.lower(state, batch_struct(config.train.eval_batch_size, mask=True)).compile()
     parallel.wait_for_all_processes("dla_jax_steps_compiled")
 
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, start_step=start_step, enabled=is_main)
     progress = Progress(start_step=start_step, total_steps=run.total_steps, enabled=is_main)
     progress.message(_start_banner(config, info, run, start_step, mesh))
     log_every = config.train.log_every_steps

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,15 +17,18 @@ import tqdm
 class MetricsWriter:
     """Appends one JSON object per record to `workdir/metrics.jsonl` and mirrors scalars to TensorBoard.
 
+    A run that resumes from the checkpoint of `start_step` first drops what a killed run
+    logged after that step (it is about to be logged again), so each step is recorded once.
     Only the main process writes; on the others every method is a no-op.
     """
 
-    def __init__(self, workdir: str | Path, *, enabled: bool):
+    def __init__(self, workdir: str | Path, *, start_step: int, enabled: bool):
         self._enabled = enabled
         if enabled:
             workdir = Path(workdir)
+            _keep_records_up_to(workdir / "metrics.jsonl", start_step)
             self._jsonl = open(workdir / "metrics.jsonl", "a")
-            self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+            self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self._enabled:
@@ -40,6 +44,23 @@ class MetricsWriter:
         if self._enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrites `path` (atomically) without the records after `step` and any torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
 
 
 class Progress:
