@@ -98,7 +98,9 @@ def official_names(family: str, layout: str, depth: int) -> Iterator[tuple[str, 
                 attention = f"{stage}.attention.{j}"
                 inner = "layer_attention" if layout == "cifar" else "mrla"
                 lam = f"{attention}.layer_attention.lambda_t" if family == "dla_l" else None
-                yield from _attention(f"{attention}.layer_attention.{inner}", lam, f"{attention}.bn_layer_attention", ours)
+                yield from _attention(
+                    f"{attention}.layer_attention.{inner}", lam, f"{attention}.bn_layer_attention", ours
+                )
         if per_stage_modules:
             yield from _dsu(f"{stage}.lstm", ours_stage)
         if family == "dla_l":
@@ -147,15 +149,19 @@ def from_torch_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> di
         value = transform(_to_numpy(state[official]).astype(np.float32))
         want = _get(expected[collection], path).shape
         if value.shape != tuple(want):
-            wrong_shape.append(f"{official}: got {tuple(_to_numpy(state[official]).shape)}, expected {_untransformed_hint(want, transform)}")
+            got = tuple(_to_numpy(state[official]).shape)
+            wrong_shape.append(f"{official}: got {got}, expected {_untransformed_hint(want, transform)}")
             continue
         _set(variables[collection], path, value)
     unexpected = sorted(set(state) - used)
     if missing or unexpected or wrong_shape:
-        lines = [f"state dict does not fit {model.family} / {model.layout} / depth {model.depth} / {model.num_classes} classes:"]
+        fits = f"{model.family} / {model.layout} / depth {model.depth} / {model.num_classes} classes"
+        lines = [f"state dict does not fit {fits}:"]
         for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if names:
-                lines.append(f"  {title} ({len(names)}): " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+                lines.append(
+                    f"  {title} ({len(names)}): " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+                )
         raise StateDictMismatch("\n".join(lines))
     variables = jax.tree.map(jnp.asarray, variables)
     return {name: stack_blocks(tree) for name, tree in variables.items()} if model.scan_blocks else variables
@@ -217,7 +223,12 @@ def convert_checkpoint(
         "dtype": "float32",
         "scan_blocks": True,
     }
-    data_info = {"num_classes": num_classes, "image_shape": [size, size, 3], "class_names": None, "data_config": data_config}
+    data_info = {
+        "num_classes": num_classes,
+        "image_shape": [size, size, 3],
+        "class_names": None,
+        "data_config": data_config,
+    }
     save_export(out, variables, model_config, data_info)
 
 

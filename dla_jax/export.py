@@ -32,10 +32,14 @@ def export_run(workdir: str | Path, out: str | Path) -> int:
     config = ml_collections.ConfigDict(metadata["config"])
     data_info = metadata["data_info"]
     run = build_run(config, data_info)
-    on_one_device = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), run.abstract_state)
+    on_one_device = jax.tree.map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), run.abstract_state
+    )
     state = checkpoints.restore_latest(with_shardings(run.abstract_state, on_one_device), run.metadata)
     checkpoints.close()
-    model_config = {key: config.model[key] for key in ("family", "layout", "depth", "dsu_context", "dtype", "scan_blocks")}
+    model_config = {
+        key: config.model[key] for key in ("family", "layout", "depth", "dsu_context", "dtype", "scan_blocks")
+    }
     model_config["num_classes"] = data_info["num_classes"]
     save_export(out, state.variables(), model_config, data_info)
     return step

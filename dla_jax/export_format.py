@@ -46,7 +46,9 @@ def save_export(
     _require(data_info["data_config"], DATA_CONFIG_KEYS, "data_info['data_config']")
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    arrays = jax.tree.map(np.asarray, jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]}))
+    arrays = jax.tree.map(
+        np.asarray, jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    )
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "variables", arrays, force=True)
     checkpointer.wait_until_finished()

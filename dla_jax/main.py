@@ -34,7 +34,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as err:
         key = str(err).strip("\"'")
         given = [arg for arg in argv[1:] if arg.startswith("--config.") and key in arg]
-        message = f"unknown config field {key!r} in {' '.join(given) or 'the overrides'}; see the config file for the fields"
+        message = (
+            f"unknown config field {key!r} in {' '.join(given) or 'the overrides'}; see the config file for the fields"
+        )
     except (TypeError, ValueError) as err:
         message = str(err)
     print(f"dla_jax.main: bad flag: {message}", file=sys.stderr)

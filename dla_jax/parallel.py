@@ -18,7 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 
@@ -97,9 +98,12 @@ def initialize_distributed(
         environment = _cluster_environment()
         if environment is None:
             return
-        print(f"[dla_jax] {environment} detected; initialising jax.distributed (timeout {timeout_s} s; "
-              "an abort with DEADLINE_EXCEEDED means some process of the job did not start).",
-              file=sys.stderr, flush=True)
+        print(
+            f"[dla_jax] {environment} detected; initialising jax.distributed (timeout {timeout_s} s; "
+            "an abort with DEADLINE_EXCEEDED means some process of the job did not start).",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             jax.distributed.initialize(initialization_timeout=timeout_s)
         except ValueError as err:  # e.g. python started inside an allocation without srun/mpirun

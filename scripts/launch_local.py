@@ -70,9 +70,11 @@ def launch(command: list[str], num_processes: int, devices_per_process: int) -> 
     env = child_env(devices_per_process)
     procs = [
         subprocess.Popen(
-            [*command, f"--coordinator_address={address}", f"--num_processes={num_processes}",
-             f"--process_id={i}"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [*command, f"--coordinator_address={address}", f"--num_processes={num_processes}", f"--process_id={i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         for i in range(num_processes)
@@ -86,8 +88,11 @@ def launch(command: list[str], num_processes: int, devices_per_process: int) -> 
             failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 index, status = failed[0]
-                print(f"[launch_local] process {index} exited with {status}; stopping the others.",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[launch_local] process {index} exited with {status}; stopping the others.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
             time.sleep(0.2)
     except KeyboardInterrupt:

@@ -74,7 +74,9 @@ def load_images(predictor: inference.Predictor, files: list[Path], num_images: i
 
 def collect(predictor: inference.Predictor, images: np.ndarray) -> tuple[dict, dict]:
     """(intermediates, params) with the scanned blocks unrolled to `block_{j}` per stage."""
-    apply = jax.jit(lambda v, x: predictor.model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"])
+    apply = jax.jit(
+        lambda v, x: predictor.model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]
+    )
     intermediates = jax.device_get(apply(predictor.variables, jnp.asarray(images, jnp.float32)))
     params = jax.device_get(predictor.variables["params"])
     return models.unstack_blocks(intermediates), models.unstack_blocks(params)

@@ -4,12 +4,17 @@ import subprocess
 import sys
 
 import pytest
-
-from dla_jax.train.validation import REQUIRED_FIELDS, ConfigError, validate_config
 from train_helpers import CONFIGS_DIR, cpu_env, load_config
 
-CONFIGS = [("cifar10", None), ("cifar100", "resnet,20"), ("imagenet", "dla_l,101"), ("quickstart", None),
-           ("fashion_mnist", "resnet,20")]
+from dla_jax.train.validation import REQUIRED_FIELDS, ConfigError, validate_config
+
+CONFIGS = [
+    ("cifar10", None),
+    ("cifar100", "resnet,20"),
+    ("imagenet", "dla_l,101"),
+    ("quickstart", None),
+    ("fashion_mnist", "resnet,20"),
+]
 
 
 @pytest.mark.parametrize("name,argument", CONFIGS)
@@ -72,9 +77,18 @@ def test_cli_stops_before_compiling(tmp_path, override, expected):
     """Runs in a fresh process with 8 CPU devices: clean one-line error, non-zero exit, no traceback."""
     env = cpu_env(8)
     result = subprocess.run(
-        [sys.executable, "-m", "dla_jax.main", f"--config={CONFIGS_DIR / 'quickstart.py'}",
-         f"--workdir={tmp_path / 'run'}", override],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "dla_jax.main",
+            f"--config={CONFIGS_DIR / 'quickstart.py'}",
+            f"--workdir={tmp_path / 'run'}",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode != 0
     assert expected in result.stderr

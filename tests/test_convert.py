@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from parity_fixtures import CIFAR, DATA, assert_close_to_reference, load, nhwc
 
 from dla_jax import inference
 from dla_jax.convert import StateDictMismatch, from_torch_state_dict, load_state_dict
 from dla_jax.models import create_model
-
-from parity_fixtures import CIFAR, DATA, assert_close_to_reference, load, nhwc
 
 
 def _model():
@@ -66,7 +65,18 @@ def test_cli_writes_an_export_that_predicts_the_official_logits(tmp_path):
 
 def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path):
     command = [sys.executable, "-m", "dla_jax.convert", "--torch-checkpoint", str(DATA / CIFAR["resnet"])]
-    command += ["--family", "dla_l", "--layout", "cifar", "--depth", "20", "--num-classes", "10", "--out", str(tmp_path)]
+    command += [
+        "--family",
+        "dla_l",
+        "--layout",
+        "cifar",
+        "--depth",
+        "20",
+        "--num-classes",
+        "10",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: state dict does not fit dla_l / cifar / depth 20")

@@ -16,9 +16,18 @@ from dla_jax.data import sources, transforms
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
-    config = dict(source="digits", name="digits", data_dir=None, train_split="train",
-                  eval_split="test", image_size=16, augment="crop", mean=(0.5, 0.5, 0.5),
-                  std=(0.25, 0.25, 0.25), num_workers=0)
+    config = dict(
+        source="digits",
+        name="digits",
+        data_dir=None,
+        train_split="train",
+        eval_split="test",
+        image_size=16,
+        augment="crop",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        num_workers=0,
+    )
     config.update(overrides)
     return ml_collections.ConfigDict(config)
 
@@ -45,8 +54,7 @@ def test_digits_split_shapes_and_determinism():
 
 
 def write_idx(path, array: np.ndarray):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
@@ -73,8 +81,7 @@ def test_files_idx_and_npz_read_back_exactly(tmp_path):
 
 def test_files_keras_style_npz_and_missing_message(tmp_path):
     x = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
-    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=np.array([1, 2]),
-             x_test=x[:1], y_test=np.array([0]))
+    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=np.array([1, 2]), x_test=x[:1], y_test=np.array([0]))
     np.testing.assert_array_equal(sources.open_files(str(tmp_path), "train").images[..., 0], x)
     with pytest.raises(data.DatasetNotFoundError, match="t10k|test.npz") as e:
         sources.open_files(str(tmp_path / "empty"), "test")
@@ -91,8 +98,7 @@ def test_pad_and_crop_is_a_window_of_the_padded_image():
     for seed in range(40):
         crop = transforms.pad_and_crop(image, 8, 4, np.random.default_rng(seed))
         assert crop.shape == (8, 8, 3)
-        windows = [(t, l) for t in range(9) for l in range(9)
-                   if np.array_equal(padded[t:t + 8, l:l + 8], crop)]
+        windows = [(t, x) for t in range(9) for x in range(9) if np.array_equal(padded[t : t + 8, x : x + 8], crop)]
         assert windows
         seen.add(windows[0])
     assert len(seen) > 10
@@ -117,7 +123,8 @@ def test_train_transform_shapes_and_crop_mode_never_flips():
         row = out[4, :, 0][out[4, :, 0] > 0]
         assert (np.diff(row) > 0).all()  # still increasing: never mirrored
     out = transforms.make_transform(make_config(augment="cifar", image_size=32), train=True)(
-        np.zeros((8, 8, 1), np.uint8), np.random.default_rng(0))
+        np.zeros((8, 8, 1), np.uint8), np.random.default_rng(0)
+    )
     assert out.shape == (32, 32, 3)
 
 
@@ -158,12 +165,15 @@ def test_train_resume_is_bit_identical():
 def test_process_shares_concatenate_to_global_batch():
     config = make_config()
     whole = take(data.train_batches(config, global_batch_size=12, seed=0, start_step=2), 2)
-    shares = [take(data.train_batches(config, global_batch_size=12, seed=0, start_step=2,
-                                      process_index=p, process_count=2), 2) for p in range(2)]
+    shares = [
+        take(
+            data.train_batches(config, global_batch_size=12, seed=0, start_step=2, process_index=p, process_count=2), 2
+        )
+        for p in range(2)
+    ]
     for k in range(2):
         for key in ("image", "label"):
-            np.testing.assert_array_equal(
-                np.concatenate([shares[0][k][key], shares[1][k][key]]), whole[k][key])
+            np.testing.assert_array_equal(np.concatenate([shares[0][k][key], shares[1][k][key]]), whole[k][key])
     assert shares[0][0]["label"].shape == (6,)
 
 
@@ -177,22 +187,23 @@ def index_source(n: int) -> IndexSource:
 
 def test_epochs_are_permutations(monkeypatch):
     monkeypatch.setattr("dla_jax.data.pipeline.open_source", lambda config, split: index_source(10))
-    labels = np.concatenate([b["label"] for b in take(
-        data.train_batches(make_config(image_size=4), global_batch_size=4, seed=1), 10)])
+    labels = np.concatenate(
+        [b["label"] for b in take(data.train_batches(make_config(image_size=4), global_batch_size=4, seed=1), 10)]
+    )
     epochs = labels.reshape(4, 10)
     for epoch in epochs:
         assert sorted(epoch) == list(range(10))
     assert len({tuple(e) for e in epochs}) == 4
 
 
-@pytest.mark.parametrize("n,batch,processes", [(10, 4, 1), (10, 4, 2), (11, 6, 3), (7, 9, 3),
-                                               (12, 6, 3)])
+@pytest.mark.parametrize("n,batch,processes", [(10, 4, 1), (10, 4, 2), (11, 6, 3), (7, 9, 3), (12, 6, 3)])
 def test_eval_sees_every_example_once(monkeypatch, n, batch, processes):
     monkeypatch.setattr("dla_jax.data.pipeline.open_source", lambda config, split: index_source(n))
     seen = []
     for p in range(processes):
-        for b in data.eval_batches(make_config(image_size=4), global_batch_size=batch,
-                                   process_index=p, process_count=processes):
+        for b in data.eval_batches(
+            make_config(image_size=4), global_batch_size=batch, process_index=p, process_count=processes
+        ):
             assert b["mask"].shape == (batch // processes,) and b["mask"].dtype == np.bool_
             seen.extend(b["label"][b["mask"]])
     assert sorted(seen) == list(range(n))
@@ -213,8 +224,7 @@ def test_bad_batch_size_for_process_count():
 
 
 def test_tfds_source_through_mock_data():
-    config = make_config(source="tfds", name="fashion_mnist", data_dir="/nonexistent",
-                         augment="cifar", image_size=28)
+    config = make_config(source="tfds", name="fashion_mnist", data_dir="/nonexistent", augment="cifar", image_size=28)
     with tfds.testing.mock_data(num_examples=10):
         info = data.get_dataset_info(config)
         assert (info.num_classes, info.num_train, info.image_shape) == (10, 10, (28, 28, 3))
@@ -236,10 +246,14 @@ class DataTinyArrayRecord(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(6, 6, 3)),
-                "label": tfds.features.ClassLabel(names=["a", "b", "c"])}),
-            supervised_keys=("image", "label"))
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(6, 6, 3)),
+                    "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(12), "test": self._generate_examples(5)}
@@ -256,8 +270,15 @@ def test_tfds_real_array_record_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(DataTinyArrayRecord, "pkg_dir_path", tmp_path)  # no README etc. to read
     builder = DataTinyArrayRecord(data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()  # local generator only: nothing is downloaded
-    config = make_config(source="tfds", name="data_tiny_array_record", data_dir=str(tmp_path),
-                         augment="none", image_size=6, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    config = make_config(
+        source="tfds",
+        name="data_tiny_array_record",
+        data_dir=str(tmp_path),
+        augment="none",
+        image_size=6,
+        mean=(0, 0, 0),
+        std=(1 / 255,) * 3,
+    )
     info = data.get_dataset_info(config)
     assert info == data.DatasetInfo(3, (6, 6, 3), 12, 5, ["a", "b", "c"])
     seen = []
@@ -267,8 +288,9 @@ def test_tfds_real_array_record_dataset(tmp_path, monkeypatch):
             assert np.allclose(image, value, atol=1e-4) and label == value % 3
             seen.append(value)
     assert len(seen) == 2 and len(set(seen)) == 2  # process 1 of 2 gets positions 2, 3
-    epoch = np.concatenate([b["image"][:, 0, 0, 0] for b in take(
-        data.train_batches(config, global_batch_size=4, seed=0), 3)])
+    epoch = np.concatenate(
+        [b["image"][:, 0, 0, 0] for b in take(data.train_batches(config, global_batch_size=4, seed=0), 3)]
+    )
     assert sorted(np.round(epoch).astype(int)) == list(range(12))
 
 

@@ -7,14 +7,13 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import cpu_env, enable_compilation_cache, tiny_digits_config
 
-from dla_jax import inference
+from dla_jax import inference, models
 from dla_jax.data import open_source
 from dla_jax.export import export_run
 from dla_jax.export_format import ExportFormatError
-from dla_jax import models
 from dla_jax.train import loop
-from train_helpers import cpu_env, enable_compilation_cache, tiny_digits_config
 
 enable_compilation_cache()
 
@@ -39,7 +38,10 @@ def test_export_load_predict_round_trip(tmp_path):
         Image.fromarray(image[..., 0]).save(paths[-1])  # digits are grayscale HxWx1
     result = subprocess.run(
         [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={tmp_path / 'export'}", *map(str, paths)],
-        capture_output=True, text=True, env=cpu_env(1), timeout=120,
+        capture_output=True,
+        text=True,
+        env=cpu_env(1),
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()

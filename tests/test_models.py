@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity_fixtures import CIFAR, DATA, load, nhwc
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
 from dla_jax.models.layer_attention import hand_back_final_values, weighted_values, weighted_values_saving_nothing
 from dla_jax.models.layers import DropPath, _depthwise_kernel_grad, conv2d, depthwise_conv3x3
-
-from parity_fixtures import CIFAR, DATA, load, nhwc
 
 # The spec's table, from the official code.
 PARAMETER_COUNTS = [
@@ -118,7 +117,11 @@ def test_gradients_are_finite_with_drop_path(family):
 
     def loss(params):
         logits, _ = model.apply(
-            {**variables, "params": params}, images, train=True, mutable=["batch_stats"], rngs={"drop_path": jax.random.key(5)}
+            {**variables, "params": params},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"drop_path": jax.random.key(5)},
         )
         return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 

@@ -170,8 +170,14 @@ def test_is_main_process_single_process():
 
 
 def test_initialize_distributed_is_a_no_op_on_one_machine(monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    for var in (
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
     parallel.initialize_distributed()
     parallel.initialize_distributed("127.0.0.1:1234", 1, 0)
@@ -209,8 +215,9 @@ def run_alone(process_id: int, timeout_s: int) -> tuple[subprocess.CompletedProc
         parallel.initialize_distributed({address!r}, 2, {process_id}, timeout_s={timeout_s})
     """)
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code], env=child_env(1), cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout_s + 60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(1), cwd=REPO, capture_output=True, text=True, timeout=timeout_s + 60
+    )
     return result, time.monotonic() - start, address
 
 
@@ -236,16 +243,27 @@ def test_coordinator_without_peers_aborts_after_timeout():
 def test_two_processes_agree_on_a_global_sum():
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "scripts/launch_local.py", "--num_processes", "2", "--devices_per_process", "4", "--",
-         sys.executable, "tests/multiprocess_psum_worker.py"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "scripts/launch_local.py",
+            "--num_processes",
+            "2",
+            "--devices_per_process",
+            "4",
+            "--",
+            sys.executable,
+            "tests/multiprocess_psum_worker.py",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = float(np.arange(16 * 3).sum())
     for process in range(2):
         assert (
-            f"[p{process}] RESULT process={process} count=2 devices=8 shape=(16, 3) sum={expected} "
-            f"main={process == 0}"
+            f"[p{process}] RESULT process={process} count=2 devices=8 shape=(16, 3) sum={expected} main={process == 0}"
         ) in result.stdout, result.stdout
     assert time.monotonic() - start < 60
 
@@ -255,7 +273,10 @@ def test_launcher_stops_everyone_when_one_process_fails():
     start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "scripts/launch_local.py", "--num_processes", "2", "--", sys.executable, "-c", code],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 3
     assert "process 1 exited with 3" in result.stderr

@@ -5,11 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from parity_fixtures import CIFAR, DATA, IMAGENET, assert_close_to_reference, load, nhwc
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import create_model, unstack_blocks
-
-from parity_fixtures import CIFAR, DATA, IMAGENET, assert_close_to_reference, load, nhwc
 
 
 def _forward(model, variables, images, train):
@@ -23,12 +22,16 @@ def _forward(model, variables, images, train):
 )
 def test_cifar_parity(family, scan_blocks):
     state, arrays = load(DATA / CIFAR[family])
-    official = create_model(family, layout="cifar", depth=20, num_classes=10, dsu_context="first_sample", scan_blocks=scan_blocks)
+    official = create_model(
+        family, layout="cifar", depth=20, num_classes=10, dsu_context="first_sample", scan_blocks=scan_blocks
+    )
     per_sample = official.clone(dsu_context="per_sample")
     variables = from_torch_state_dict(official, state)
 
     assert_close_to_reference(_forward(official, variables, nhwc(arrays["input_eval"]), False), arrays["logits_eval"])
-    assert_close_to_reference(_forward(per_sample, variables, nhwc(arrays["input_eval"]), False), arrays["logits_eval_fixed"])
+    assert_close_to_reference(
+        _forward(per_sample, variables, nhwc(arrays["input_eval"]), False), arrays["logits_eval_fixed"]
+    )
     logits, updates = _forward(official, variables, nhwc(arrays["input_train"]), True)
     assert_close_to_reference(logits, arrays["logits_train"])
 
@@ -52,6 +55,8 @@ def test_imagenet_dla_l_r50_parity():
     variables = from_torch_state_dict(official, state)
     assert_close_to_reference(_forward(official, variables, nhwc(arrays["input_eval"]), False), arrays["logits_eval"])
     per_sample = official.clone(dsu_context="per_sample")
-    assert_close_to_reference(_forward(per_sample, variables, nhwc(arrays["input_eval"]), False), arrays["logits_eval_fixed"])
+    assert_close_to_reference(
+        _forward(per_sample, variables, nhwc(arrays["input_eval"]), False), arrays["logits_eval_fixed"]
+    )
     logits, _ = _forward(official, variables, nhwc(arrays["input_train"]), True)
     assert_close_to_reference(logits, arrays["logits_train"])

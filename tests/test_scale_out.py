@@ -12,10 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from train_helpers import cpu_env, enable_compilation_cache, read_metrics, tiny_digits_cli, tiny_digits_config
 
 from dla_jax import parallel
 from dla_jax.train import loop
-from train_helpers import cpu_env, enable_compilation_cache, read_metrics, tiny_digits_cli, tiny_digits_config
 
 enable_compilation_cache()
 
@@ -40,7 +40,11 @@ def run_main(workdir, device_count: int, **overrides) -> subprocess.Popen:
     """`python -m dla_jax.main` on the tiny run in a fresh process with `device_count` CPU devices."""
     return subprocess.Popen(
         [sys.executable, "-m", "dla_jax.main", f"--workdir={workdir}", *tiny_digits_cli(**overrides)],
-        env=cpu_env(device_count), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cpu_env(device_count),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -63,9 +67,25 @@ def test_two_processes_match_one_process(reference, tmp_path):
     reference_state, reference_dir = reference
     workdir = tmp_path / "two_processes"
     result = subprocess.run(
-        [sys.executable, "scripts/launch_local.py", "--num_processes", "2", "--devices_per_process", "4", "--",
-         sys.executable, "-m", "dla_jax.main", f"--workdir={workdir}", *tiny_digits_cli()],
-        cwd=REPO, env=cpu_env(4), capture_output=True, text=True, timeout=500,
+        [
+            sys.executable,
+            "scripts/launch_local.py",
+            "--num_processes",
+            "2",
+            "--devices_per_process",
+            "4",
+            "--",
+            sys.executable,
+            "-m",
+            "dla_jax.main",
+            f"--workdir={workdir}",
+            *tiny_digits_cli(),
+        ],
+        cwd=REPO,
+        env=cpu_env(4),
+        capture_output=True,
+        text=True,
+        timeout=500,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "[p0] mesh {'data': 8, 'fsdp': 1} over 8 cpu device(s), 2 process(es)" in result.stdout
@@ -109,7 +129,9 @@ def test_fsdp_shards_and_resumes_on_fewer_devices(reference, tmp_path):
         assert "fsdp" in leaf.sharding.spec, (name, leaf.sharding.spec)
         axis = list(leaf.sharding.spec).index("fsdp")
         assert {s.data.shape[axis] for s in leaf.addressable_shards} == {leaf.shape[axis] // 2}, name
-    assert all(leaf.sharding.spec == jax.sharding.PartitionSpec() for _, leaf in params if leaf.size < parallel.FSDP_MIN_SIZE)
+    assert all(
+        leaf.sharding.spec == jax.sharding.PartitionSpec() for _, leaf in params if leaf.size < parallel.FSDP_MIN_SIZE
+    )
     momenta = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.size >= parallel.FSDP_MIN_SIZE]
     assert momenta and all("fsdp" in leaf.sharding.spec for leaf in momenta)
     np.testing.assert_allclose(

@@ -6,9 +6,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from train_helpers import enable_compilation_cache, tiny_digits_config
 
 from dla_jax.train import loop
-from train_helpers import enable_compilation_cache, tiny_digits_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -70,13 +70,17 @@ def test_plots_from_a_short_training_run(tmp_path):
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=2), workdir)
     attention = load_script("plot_layer_attention")
     out = tmp_path / "attention.png"
-    assert attention.main([str(workdir), "--out", str(out), "--num-images", "4", "--width", "640", "--height", "480"]) == 0
+    assert (
+        attention.main([str(workdir), "--out", str(out), "--num-images", "4", "--width", "640", "--height", "480"]) == 0
+    )
     assert png_size(out) == (640, 480)
 
     other = tmp_path / "other.jsonl"
     other.write_text(
         "\n".join(json.dumps({"step": s, "train_loss": 2.0 / s, "train_accuracy": 0.1 * s}) for s in (1, 2))
-        + "\n" + json.dumps({"step": 2, "eval_loss": 1.5, "eval_top1": 0.3}) + "\n"
+        + "\n"
+        + json.dumps({"step": 2, "eval_loss": 1.5, "eval_top1": 0.3})
+        + "\n"
     )
     curves = load_script("plot_training_curves")
     out = tmp_path / "curves.png"

@@ -9,10 +9,17 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from train_helpers import (
+    cpu_env,
+    enable_compilation_cache,
+    load_config,
+    read_metrics,
+    tiny_digits_cli,
+    tiny_digits_config,
+)
 
 from dla_jax.train import loop
 from dla_jax.train.checkpoint import CheckpointMismatchError
-from train_helpers import cpu_env, enable_compilation_cache, load_config, read_metrics, tiny_digits_cli, tiny_digits_config
 
 enable_compilation_cache()
 
@@ -85,12 +92,17 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     workdir = tmp_path / "preempted"
     process = subprocess.Popen(
         [sys.executable, "-m", "dla_jax.main", f"--workdir={workdir}", *tiny_digits_cli(train__num_steps=10_000)],
-        env=cpu_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=cpu_env(8),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+        assert process.poll() is None and time.monotonic() < deadline, (
+            process.stderr.read() if process.poll() else "timeout"
+        )
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
@@ -110,7 +122,10 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     assert len(jax.devices()) == 8
     result = subprocess.run(
         [sys.executable, "-m", "dla_jax.main", f"--workdir={tmp_path / 'one'}", *tiny_digits_cli()],
-        env=cpu_env(1), capture_output=True, text=True, timeout=300,
+        env=cpu_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     from dla_jax.export import export_run

@@ -3,9 +3,9 @@
 import jax.numpy as jnp
 import numpy as np
 import optax
+from train_helpers import load_config
 
 from dla_jax.train import optim
-from train_helpers import load_config
 
 
 def test_sgd_matches_pytorch_update_rule():
@@ -49,7 +49,9 @@ def test_cosine_goes_from_peak_to_zero():
     train = load_config("quickstart").train
     train.warmup_epochs = 0.0
     schedule = optim.create_lr_schedule(train, 10.0, 100)
-    np.testing.assert_allclose([float(schedule(0)), float(schedule(50)), float(schedule(100))], [0.1, 0.05, 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        [float(schedule(0)), float(schedule(50)), float(schedule(100))], [0.1, 0.05, 0.0], atol=1e-6
+    )
 
 
 def test_num_steps_overrides_epochs():

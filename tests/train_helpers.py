@@ -19,6 +19,7 @@ COMPILATION_CACHE_DIR = Path(tempfile.gettempdir()) / "dla_jax_test_compilation_
 def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE_DIR))
 
+
 # The quickstart at its smallest: DLA-L depth 11 on 8x8 digits, a handful of steps,
 # a multistep schedule (so the lr of a step does not depend on the run's length).
 TINY_DIGITS = {

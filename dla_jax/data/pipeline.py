@@ -20,8 +20,8 @@ import sys
 from typing import Any, Iterator
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from dla_jax.data.sources import Source, open_source
 from dla_jax.data.transforms import Transform, make_transform
@@ -33,8 +33,9 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} must be a positive multiple "
-                         f"of the process count {process_count}")
+        raise ValueError(
+            f"global batch size {global_batch_size} must be a positive multiple of the process count {process_count}"
+        )
     return global_batch_size // process_count
 
 
@@ -46,8 +47,15 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 class _TrainExample:
     """Local stream index -> augmented example; picklable for grain worker processes."""
 
-    def __init__(self, source: Source, transform: Transform, seed: int, global_batch_size: int,
-                 local_batch_size: int, process_index: int):
+    def __init__(
+        self,
+        source: Source,
+        transform: Transform,
+        seed: int,
+        global_batch_size: int,
+        local_batch_size: int,
+        process_index: int,
+    ):
         self.source, self.transform, self.seed = source, transform, seed % 2**64
         self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
         self.offset = process_index * local_batch_size
@@ -73,8 +81,9 @@ class _TrainExample:
 class _EvalExample:
     """Local pass index -> example or masked zero padding; picklable for grain workers."""
 
-    def __init__(self, source: Source, transform: Transform, global_batch_size: int,
-                 local_batch_size: int, process_index: int):
+    def __init__(
+        self, source: Source, transform: Transform, global_batch_size: int, local_batch_size: int, process_index: int
+    ):
         self.source, self.transform = source, transform
         self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
         self.offset = process_index * local_batch_size
@@ -84,8 +93,7 @@ class _EvalExample:
         position = batch * self.global_batch_size + self.offset + i
         if position >= len(self.source):
             size = self.transform.image_size
-            return {"image": np.zeros((size, size, 3), np.float32), "label": np.int32(0),
-                    "mask": np.bool_(False)}
+            return {"image": np.zeros((size, size, 3), np.float32), "label": np.int32(0), "mask": np.bool_(False)}
         image, label = self.source[position]
         return {"image": self.transform(image), "label": np.int32(label), "mask": np.bool_(True)}
 
@@ -100,26 +108,33 @@ def _iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict[str, 
     return iter(iterable)
 
 
-def train_batches(data_config: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1,
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
     """Endless augmented batches ``{image: f32[b,H,W,3], label: i32[b]}`` from step ``start_step``."""
     local = _local_batch_size(global_batch_size, process_index, process_count)
     source = open_source(data_config, data_config.train_split)
-    example = _TrainExample(source, make_transform(data_config, train=True), seed,
-                            global_batch_size, local, process_index)
+    example = _TrainExample(
+        source, make_transform(data_config, train=True), seed, global_batch_size, local, process_index
+    )
     stop = (sys.maxsize // local) * local
     dataset = grain.MapDataset.range(start_step * local, stop).map(example).batch(local)
     return _iterate(dataset, int(data_config.get("num_workers", 0)))
 
 
-def eval_batches(data_config: Any, *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    data_config: Any, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval split: ``{image, label, mask: bool[b]}``, last batch padded."""
     local = _local_batch_size(global_batch_size, process_index, process_count)
     source = open_source(data_config, data_config.eval_split)
-    example = _EvalExample(source, make_transform(data_config, train=False),
-                           global_batch_size, local, process_index)
+    example = _EvalExample(source, make_transform(data_config, train=False), global_batch_size, local, process_index)
     num_batches = math.ceil(len(source) / global_batch_size)
     dataset = grain.MapDataset.range(0, num_batches * local).map(example).batch(local)
     return _iterate(dataset, int(data_config.get("num_workers", 0)))

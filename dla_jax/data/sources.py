@@ -84,8 +84,14 @@ class ArraySource:
 class TfdsSource:
     """A tfds ArrayRecord data source; decodes each record to (uint8 HWC, label)."""
 
-    def __init__(self, data_source: Sequence[dict], image_key: str, label_key: str,
-                 num_classes: int, class_names: list[str] | None):
+    def __init__(
+        self,
+        data_source: Sequence[dict],
+        image_key: str,
+        label_key: str,
+        num_classes: int,
+        class_names: list[str] | None,
+    ):
         self._data_source = data_source
         self._image_key = image_key
         self._label_key = label_key
@@ -118,16 +124,22 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
         data_source = builder.as_data_source(split)
     except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
         if builder.is_prepared():
-            why = (f"tfds dataset {name!r} is prepared in {builder.data_dir} as "
-                   f"{builder.info.file_format.value}, which has no random access; rebuild it "
-                   f"as ArrayRecord (add --overwrite or use another data_dir):")
+            why = (
+                f"tfds dataset {name!r} is prepared in {builder.data_dir} as "
+                f"{builder.info.file_format.value}, which has no random access; rebuild it "
+                f"as ArrayRecord (add --overwrite or use another data_dir):"
+            )
         else:
             why = f"tfds dataset {name!r} is not prepared in {root}. Prepare it once with:"
-        manual = (" It needs a manual download first; add --manual_dir=<dir with the archives>."
-                  if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) else "")
+        manual = (
+            " It needs a manual download first; add --manual_dir=<dir with the archives>."
+            if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+            else ""
+        )
         raise DatasetNotFoundError(
             f"{why}\n  {tfds_build_command(name, root)}\n(needs TensorFlow and the network at "
-            f"build time only).{manual} Underlying error: {e}") from e
+            f"build time only).{manual} Underlying error: {e}"
+        ) from e
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     label = builder.info.features[label_key]
     names = list(label.names) if getattr(label, "names", None) else None
@@ -149,8 +161,7 @@ def open_digits(split: str) -> ArraySource:
     parts = {"train": slice(0, DIGITS_NUM_TRAIN), "test": slice(DIGITS_NUM_TRAIN, None)}
     if split not in parts:
         raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
-    return ArraySource(images[parts[split]], labels[parts[split]], 10,
-                       [str(d) for d in range(10)])
+    return ArraySource(images[parts[split]], labels[parts[split]], 10, [str(d) for d in range(10)])
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -162,7 +173,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path} is not an IDX file")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
     return array.reshape(shape).astype(np.dtype(dtypes[data[2]]).newbyteorder("="))
 
@@ -173,8 +184,7 @@ def _first_existing(directory: pathlib.Path, names: list[str]) -> pathlib.Path |
 
 def _idx_names(split: str, kind: str, idx: int) -> list[str]:
     prefixes = [split] + (["t10k"] if split == "test" else [])
-    return [f"{p}-{kind}{sep}idx{idx}-ubyte{gz}" for p in prefixes for sep in ("-", ".")
-            for gz in (".gz", "")]
+    return [f"{p}-{kind}{sep}idx{idx}-ubyte{gz}" for p in prefixes for sep in ("-", ".") for gz in (".gz", "")]
 
 
 def _read_npz(directory: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -184,8 +194,7 @@ def _read_npz(directory: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarr
             for image_key, label_key in (("image", "label"), ("images", "labels"), ("x", "y")):
                 if image_key in npz and label_key in npz:
                     return npz[image_key], npz[label_key]
-        raise ValueError(f"{path} has keys {sorted(npz.keys())}; expected image/label, "
-                         "images/labels or x/y")
+        raise ValueError(f"{path} has keys {sorted(npz.keys())}; expected image/label, images/labels or x/y")
     for path in sorted(directory.glob("*.npz")):
         with np.load(path) as npz:
             if f"x_{split}" in npz and f"y_{split}" in npz:
@@ -207,14 +216,17 @@ def _read_files(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
                 f"no {split!r} split found in directory {directory}: expected IDX files "
                 f"{_idx_names(split, 'images', 3)[0]} and {_idx_names(split, 'labels', 1)[0]} "
                 f"(also t10k-* for 'test', .gz optional), or {split}.npz with keys image/label, "
-                f"or a *.npz with keys x_{split}/y_{split}.")
+                f"or a *.npz with keys x_{split}/y_{split}."
+            )
         images, labels = found
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"{directory} {split!r}: need uint8 images (N,H,W[,C]) and N labels, "
-                         f"got {images.dtype}{images.shape} and {np.shape(labels)}")
+        raise ValueError(
+            f"{directory} {split!r}: need uint8 images (N,H,W[,C]) and N labels, "
+            f"got {images.dtype}{images.shape} and {np.shape(labels)}"
+        )
     return images, np.asarray(labels).astype(np.int64).reshape(-1)
 
 
@@ -260,6 +272,10 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
     train = open_source(data_config, data_config.train_split)
     evaluation = open_source(data_config, data_config.eval_split)
     size = int(data_config.image_size)
-    return DatasetInfo(num_classes=max(train.num_classes, evaluation.num_classes),
-                       image_shape=(size, size, 3), num_train=len(train),
-                       num_eval=len(evaluation), class_names=train.class_names)
+    return DatasetInfo(
+        num_classes=max(train.num_classes, evaluation.num_classes),
+        image_shape=(size, size, 3),
+        num_train=len(train),
+        num_eval=len(evaluation),
+        class_names=train.class_names,
+    )

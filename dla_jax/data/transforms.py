@@ -45,8 +45,9 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def resize(image: np.ndarray, height: int, width: int,
-           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def resize(
+    image: np.ndarray, height: int, width: int, box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
     """Bilinear (antialiased, like torchvision on PIL) resize of a uint8 RGB image or box of it."""
     if box is None and image.shape[:2] == (height, width):
         return image
@@ -54,13 +55,12 @@ def resize(image: np.ndarray, height: int, width: int,
     return np.asarray(pil.resize((width, height), Image.BILINEAR, box=box))
 
 
-def pad_and_crop(image: np.ndarray, size: int, padding: int,
-                 rng: np.random.Generator) -> np.ndarray:
+def pad_and_crop(image: np.ndarray, size: int, padding: int, rng: np.random.Generator) -> np.ndarray:
     """Zero-pads ``padding`` pixels on each side and takes a random ``size`` window."""
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     top = int(rng.integers(0, padded.shape[0] - size + 1))
     left = int(rng.integers(0, padded.shape[1] - size + 1))
-    return padded[top:top + size, left:left + size]
+    return padded[top : top + size, left : left + size]
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -68,9 +68,13 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image[:, ::-1] if rng.random() < 0.5 else image
 
 
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_crop(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
     """torchvision's RandomResizedCrop: 10 tries at a random box, else a clamped centre crop."""
     height, width = image.shape[:2]
     area = height * width
@@ -106,7 +110,7 @@ def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
         new_h, new_w = max(short, int(round(height * short / width))), short
     image = resize(image, new_h, new_w)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
 def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -149,8 +153,13 @@ class Transform:
 
 def make_transform(data_config: Any, *, train: bool) -> Transform:
     """The train or eval transform described by ``data_config``."""
-    return Transform(augment=data_config.augment, image_size=int(data_config.image_size),
-                     mean=tuple(data_config.mean), std=tuple(data_config.std), train=train)
+    return Transform(
+        augment=data_config.augment,
+        image_size=int(data_config.image_size),
+        mean=tuple(data_config.mean),
+        std=tuple(data_config.std),
+        train=train,
+    )
 
 
 def preprocess_for_eval(images_uint8: np.ndarray, data_config: Any) -> np.ndarray:

@@ -24,11 +24,15 @@ def stage_sizes(layout: str, depth: int) -> tuple[int, ...]:
     """Blocks per stage; raises ValueError naming the depths the layout allows."""
     if layout == "cifar":
         if depth < 11 or (depth - 2) % 9:
-            raise ValueError(f"depth={depth} is not allowed for layout 'cifar': use 9n+2 with n >= 1 (11, 20, 29, 56, 110, 164, ...)")
+            raise ValueError(
+                f"depth={depth} is not allowed for layout 'cifar': use 9n+2 with n >= 1 (11, 20, 29, 56, 110, 164, ...)"
+            )
         return ((depth - 2) // 9,) * 3
     if layout == "imagenet":
         if depth not in IMAGENET_STAGE_SIZES:
-            raise ValueError(f"depth={depth} is not allowed for layout 'imagenet': use one of {sorted(IMAGENET_STAGE_SIZES)}")
+            raise ValueError(
+                f"depth={depth} is not allowed for layout 'imagenet': use one of {sorted(IMAGENET_STAGE_SIZES)}"
+            )
         return IMAGENET_STAGE_SIZES[depth]
     raise ValueError(f"layout={layout!r} is unknown: use one of {sorted(LAYOUTS)}")
 

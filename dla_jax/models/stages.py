@@ -105,7 +105,9 @@ class Unit(nn.Module):
         attended, gates = light_attention(query, key, value)
         self.sow("intermediates", "gates", gates)
         lam = self.param("lambda", nn.initializers.normal(1.0), (out.shape[-1],), jnp.float32)
-        return BatchNorm(dtype=self.dtype, name="attention_bn")(attended + lam.astype(self.dtype) * previous, self.train)
+        return BatchNorm(dtype=self.dtype, name="attention_bn")(
+            attended + lam.astype(self.dtype) * previous, self.train
+        )
 
     def _softmax_over_stage(self, carry, shared, out, query, key, value) -> jax.Array:
         """DLA-B: refresh the cache with the new context, append this block, attend over it.
@@ -127,7 +129,12 @@ class Unit(nn.Module):
             cache["keys"], cache["value_means"], cache["value_scales"]
         )
         self.sow("intermediates", "value_scales", cache["value_scales"])
-        entries = {"keys": key, "value_means": global_avg_pool(value), "value_scales": jnp.ones_like(key), "values": value}
+        entries = {
+            "keys": key,
+            "value_means": global_avg_pool(value),
+            "value_scales": jnp.ones_like(key),
+            "values": value,
+        }
         for name, entry in entries.items():
             cache[name] = jax.lax.dynamic_update_index_in_dim(cache[name], entry.astype(cache[name].dtype), index, 0)
         capacity = cache["keys"].shape[0]

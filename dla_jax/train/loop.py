@@ -130,9 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     checkpoints = Checkpoints(workdir / "checkpoints", max_to_keep=config.train.max_checkpoints_to_keep)
     state = checkpoints.restore_latest(with_shardings(run.abstract_state, state_shardings), run.metadata)
     if state is None:
-        init = functools.partial(
-            create_train_state, run.model, run.tx, seed=config.seed, image_shape=info.image_shape
-        )
+        init = functools.partial(create_train_state, run.model, run.tx, seed=config.seed, image_shape=info.image_shape)
         state = jax.jit(init, out_shardings=state_shardings)()
     start_step = int(jax.device_get(state.step))
 
@@ -250,5 +248,7 @@ def _start_banner(
         f"{run.steps_per_epoch:.1f} steps); {resumed}",
     ]
     if config.mesh.fsdp > 1:
-        lines.append(parallel.describe_shardings(parallel.state_shardings(mesh, run.abstract_state), run.abstract_state))
+        lines.append(
+            parallel.describe_shardings(parallel.state_shardings(mesh, run.abstract_state), run.abstract_state)
+        )
     return "\n".join(lines)

@@ -36,9 +36,7 @@ def create_lr_schedule(
     """
     peak = peak_learning_rate(train_config)
     warmup_steps = steps_for_epochs(train_config.warmup_epochs, steps_per_epoch)
-    boundaries = jnp.asarray(
-        [steps_for_epochs(e, steps_per_epoch) for e in train_config.decay_epochs], jnp.int32
-    )
+    boundaries = jnp.asarray([steps_for_epochs(e, steps_per_epoch) for e in train_config.decay_epochs], jnp.int32)
     decay_factor = train_config.decay_factor
     schedule_name = train_config.schedule
 
@@ -57,7 +55,9 @@ def create_lr_schedule(
     return schedule
 
 
-def create_optimizer(train_config: ml_collections.ConfigDict, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    train_config: ml_collections.ConfigDict, lr_schedule: optax.Schedule
+) -> optax.GradientTransformation:
     """SGD as PyTorch's: `g += wd * p` on every parameter, `buf = m * buf + g`, `p -= lr * buf`."""
     return optax.chain(
         optax.add_decayed_weights(train_config.weight_decay),
