@@ -37,6 +37,7 @@ def get_config(family_and_depth: str = "dla_l,20") -> config_dict.ConfigDict:
     config.model.depth = int(depth)
     config.model.dsu_context = "per_sample"
     config.model.drop_path = 0.0
+    config.model.head_dropout = 0.0
     config.model.dtype = "float32"
     config.model.scan_blocks = False
 

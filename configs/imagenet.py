@@ -7,6 +7,8 @@ lr 0.1 per 256 images (scaled linearly with the batch), 100 epochs, linear warm-
 DropPath 0.2, RandomResizedCrop(224) + flip; eval resize 256 + center crop 224.
 The dataset is read with TFDS (`imagenet2012`, prepared by hand, see its TFDS page);
 pass `--config.data.data_dir=DIR`. Add `--config.model.dtype=bfloat16` on accelerators.
+`--config.model.head_dropout=RATE` turns on the official code's optional dropout before the
+classifier (0 in the recipe).
 """
 
 from ml_collections import config_dict
@@ -27,6 +29,7 @@ def get_config(family_and_depth: str = "dla_l,50") -> config_dict.ConfigDict:
     config.model.depth = int(depth)
     config.model.dsu_context = "per_sample"
     config.model.drop_path = 0.2
+    config.model.head_dropout = 0.0
     config.model.dtype = "float32"
     config.model.scan_blocks = True
 

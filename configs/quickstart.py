@@ -24,6 +24,7 @@ def get_config() -> config_dict.ConfigDict:
     config.model.depth = 20
     config.model.dsu_context = "per_sample"
     config.model.drop_path = 0.0
+    config.model.head_dropout = 0.0
     config.model.dtype = "float32"
     config.model.scan_blocks = False
 

@@ -1,5 +1,6 @@
 """Every config is complete and valid; bad values stop the CLI early with a message naming the field."""
 
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,7 @@ def test_family_and_depth_argument():
         ("model.depth", 21, "config.model.depth=21"),
         ("model.family", "dla_x", "config.model.family='dla_x' is not allowed; choose one of resnet"),
         ("model.dtype", "float16", "config.model.dtype='float16'"),
+        ("model.head_dropout", 1.0, "config.model.head_dropout=1.0 must be in [0, 1)"),
         ("train.batch_size", 100, "config.train.batch_size=100 must be divisible by the number of devices (8)"),
         ("train.schedule", "linear", "config.train.schedule='linear'"),
         ("mesh.fsdp", 3, "config.mesh.data=-1 x config.mesh.fsdp=3"),
@@ -53,7 +55,7 @@ def test_bad_value_names_the_field(field, value, expected):
     config.train.eval_batch_size = 200
     section, key = field.split(".")
     config[section][key] = value
-    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         validate_config(config, device_count=8, process_count=1)
 
 

@@ -158,6 +158,24 @@ def test_drop_path_changes_training_output_only_with_rate():
     chex.assert_trees_all_equal(_apply(model, variables, images), _apply(model, variables, images))
 
 
+def test_head_dropout_acts_in_training_only():
+    """The dropout before the classifier draws per step in training, is off in eval, and a rate
+    of 0 leaves the model deterministic (ResNet without DropPath has no other randomness)."""
+    plain = create_model("resnet", layout="cifar", depth=11, num_classes=10)
+    dropped = plain.clone(head_dropout=0.5)
+    variables, images = _init(plain, batch=8)
+
+    def train(model, seed):
+        rngs = {"drop_path": jax.random.key(seed)}
+        return model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)[0]
+
+    assert not np.allclose(train(dropped, 0), train(dropped, 1))
+    chex.assert_trees_all_equal(train(plain, 0), train(plain, 1))
+    chex.assert_trees_all_equal(_apply(dropped, variables, images), _apply(plain, variables, images))
+    with pytest.raises(ValueError, match="head_dropout=1.0 must be in"):
+        create_model("resnet", layout="imagenet", depth=50, num_classes=10, head_dropout=1.0)
+
+
 @pytest.mark.parametrize("family", ["resnet", "dla_l", "dla_b"])
 def test_bfloat16_compute_stays_close_to_float32(family):
     model = create_model(family, layout="cifar", depth=11, num_classes=10)

@@ -36,6 +36,7 @@ def create_model(
     num_classes: int,
     dsu_context: str = "per_sample",
     drop_path: float = 0.0,
+    head_dropout: float = 0.0,
     dtype: Any = jnp.float32,
     scan_blocks: bool = True,
 ) -> nn.Module:
@@ -44,6 +45,8 @@ def create_model(
     `dsu_context="first_sample"` reproduces the official code's refresh, which uses
     sample 0's DSU context for the whole batch; "per_sample" refreshes each sample with
     its own. `scan_blocks=False` unrolls the stages (tree layout: see `unstack_blocks`).
+    `drop_path` (stochastic depth of the attention branches) and `head_dropout` (dropout
+    before the classifier) act in training only.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is unknown: use one of {list(FAMILIES)}")
@@ -54,8 +57,9 @@ def create_model(
         raise ValueError(f"dsu_context={dsu_context!r} is unknown: use one of {list(DSU_CONTEXTS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be at least 1")
-    if not 0.0 <= drop_path < 1.0:
-        raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
+    for name, rate in (("drop_path", drop_path), ("head_dropout", head_dropout)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name}={rate} must be in [0, 1)")
     return ResNet(
         family=family,
         layout=layout,
@@ -63,6 +67,7 @@ def create_model(
         num_classes=num_classes,
         dsu_context=dsu_context,
         drop_path=drop_path,
+        head_dropout=head_dropout,
         dtype=jnp.dtype(dtype),
         scan_blocks=scan_blocks,
     )
@@ -71,7 +76,7 @@ def create_model(
 def from_config(model_config: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The model a training config's `model` section (or an export's model config) describes.
 
-    Exports hold no `drop_path`: it only acts in training, so it is 0 there.
+    Exports hold no `drop_path` or `head_dropout`: they only act in training, so they are 0 there.
     """
     return create_model(
         model_config["family"],
@@ -80,6 +85,7 @@ def from_config(model_config: Mapping[str, Any], num_classes: int) -> nn.Module:
         num_classes=num_classes,
         dsu_context=model_config["dsu_context"],
         drop_path=model_config.get("drop_path", 0.0),
+        head_dropout=model_config.get("head_dropout", 0.0),
         dtype=jnp.dtype(model_config["dtype"]),
         scan_blocks=model_config["scan_blocks"],
     )

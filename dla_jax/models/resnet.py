@@ -50,6 +50,7 @@ class ResNet(nn.Module):
     num_classes: int
     dsu_context: str = "per_sample"
     drop_path: float = 0.0
+    head_dropout: float = 0.0
     dtype: Any = jnp.float32
     scan_blocks: bool = True
 
@@ -82,5 +83,10 @@ class ResNet(nn.Module):
                 name=f"stage_{index}",
             )(x, train)
             features.append(x)
-        logits = Dense(self.num_classes, name="head")(global_avg_pool(x))
+        pooled = global_avg_pool(x)
+        if self.head_dropout:
+            # The official ImageNet code's optional dropout before the classifier; it draws
+            # from the same rng stream as DropPath (Flax folds in the module path).
+            pooled = nn.Dropout(self.head_dropout, rng_collection="drop_path")(pooled, deterministic=not train)
+        logits = Dense(self.num_classes, name="head")(pooled)
         return (logits, features) if return_features else logits

@@ -11,7 +11,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 
 REQUIRED_FIELDS = {
     "": ("seed", "model", "data", "mesh", "train"),
-    "model": ("family", "layout", "depth", "dsu_context", "drop_path", "dtype", "scan_blocks"),
+    "model": ("family", "layout", "depth", "dsu_context", "drop_path", "head_dropout", "dtype", "scan_blocks"),
     "data": (
         "source",
         "name",
@@ -79,7 +79,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
         raise ConfigError(f"config.model.depth={model.depth!r}: {err}") from None
     _check_choice("model.dsu_context", model.dsu_context, models.DSU_CONTEXTS)
     _check_choice("model.dtype", model.dtype, DTYPES)
-    _check(0.0 <= model.drop_path < 1.0, f"config.model.drop_path={model.drop_path} must be in [0, 1)")
+    for field in ("drop_path", "head_dropout"):
+        _check(0.0 <= model[field] < 1.0, f"config.model.{field}={model[field]} must be in [0, 1)")
 
     _check_choice("data.source", data.source, DATA_SOURCES)
     _check_choice("data.augment", data.augment, AUGMENTATIONS)
