@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -265,13 +267,32 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Environment variables that change step times (XLA and JAX flags, the C allocator's tuning).
+PERFORMANCE_ENVIRONMENT = ("XLA_", "JAX_", "MALLOC_", "LD_PRELOAD", "OMP_", "TF_")
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_description() -> dict[str, Any]:
+    """What the numbers depend on: the device (a GPU's name is its device_kind), the host CPU
+    and cores this process may use, the versions, and the performance-relevant environment."""
     device = jax.devices()[0]
     return {
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
+        "host_cpu": _cpu_model(),
+        "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "jax_version": jax.__version__,
+        "python_version": platform.python_version(),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(PERFORMANCE_ENVIRONMENT)},
     }
 
 

@@ -40,7 +40,8 @@ def test_benchmark_writes_json_and_markdown(tmp_path, order):
     argv += ["--steps", "2", "--warmup", "1", "--devices", "2", "--out", str(out), "--markdown", str(table), *order]
     assert benchmark.main(argv) == 0
     record = json.loads(out.read_text())
-    assert record["machine"]["backend"] == "cpu"
+    assert record["machine"]["backend"] == "cpu" and record["machine"]["host_cores"] >= 1
+    assert "--xla_force_host_platform_device_count" in record["machine"]["environment"]["XLA_FLAGS"]
     results = record["results"]
     assert [(r["family"], r["devices"]) for r in results] == [("resnet", 2), ("mrla_l", 2)]
     for result in results:
