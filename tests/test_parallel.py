@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from train_helpers import launch_local
 
 from dla_jax import parallel
 
@@ -243,17 +244,7 @@ def test_coordinator_without_peers_aborts_after_timeout():
 def test_two_processes_agree_on_a_global_sum():
     start = time.monotonic()
     result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/launch_local.py",
-            "--num_processes",
-            "2",
-            "--devices_per_process",
-            "4",
-            "--",
-            sys.executable,
-            "tests/multiprocess_psum_worker.py",
-        ],
+        launch_local(sys.executable, "tests/multiprocess_psum_worker.py", devices_per_process=4),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -272,7 +263,7 @@ def test_launcher_stops_everyone_when_one_process_fails():
     code = "import sys, time; i = int(sys.argv[-1].split('=')[1]); time.sleep(0 if i else 60); sys.exit(3)"
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "scripts/launch_local.py", "--num_processes", "2", "--", sys.executable, "-c", code],
+        launch_local(sys.executable, "-c", code),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -12,7 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from train_helpers import cpu_env, enable_compilation_cache, read_metrics, tiny_digits_cli, tiny_digits_config
+from train_helpers import (
+    cpu_env,
+    enable_compilation_cache,
+    launch_local,
+    read_metrics,
+    tiny_digits_cli,
+    tiny_digits_config,
+)
 
 from dla_jax import parallel
 from dla_jax.train import loop
@@ -67,20 +74,9 @@ def test_two_processes_match_one_process(reference, tmp_path):
     reference_state, reference_dir = reference
     workdir = tmp_path / "two_processes"
     result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/launch_local.py",
-            "--num_processes",
-            "2",
-            "--devices_per_process",
-            "4",
-            "--",
-            sys.executable,
-            "-m",
-            "dla_jax.main",
-            f"--workdir={workdir}",
-            *tiny_digits_cli(),
-        ],
+        launch_local(
+            sys.executable, "-m", "dla_jax.main", f"--workdir={workdir}", *tiny_digits_cli(), devices_per_process=4
+        ),
         cwd=REPO,
         env=cpu_env(4),
         capture_output=True,

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def cpu_env(device_count: int) -> dict[str, str]:
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(COMPILATION_CACHE_DIR),
     )
+
+
+def launch_local(*command: str, num_processes: int = 2, devices_per_process: int | None = None) -> list[str]:
+    """The argv that runs `command` as `num_processes` local processes under scripts/launch_local.py."""
+    argv = [sys.executable, "scripts/launch_local.py", "--num_processes", str(num_processes)]
+    if devices_per_process is not None:
+        argv += ["--devices_per_process", str(devices_per_process)]
+    return [*argv, "--", *command]
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
