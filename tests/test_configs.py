@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import CONFIGS_DIR, cpu_env, load_config
 
 from dla_jax.train.validation import REQUIRED_FIELDS, ConfigError, validate_config
+
+from train_helpers import CONFIGS_DIR, cpu_env, load_config
 
 CONFIGS = [
     ("cifar10", None),

@@ -8,11 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from parity_fixtures import CIFAR, DATA, assert_close_to_reference, load, nhwc
 
 from dla_jax import inference
 from dla_jax.convert import StateDictMismatch, from_torch_state_dict, load_state_dict
 from dla_jax.models import create_model
+
+from parity_fixtures import CIFAR, DATA, assert_close_to_reference, load, nhwc
 
 
 def _model():

@@ -7,13 +7,14 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import cpu_env, enable_compilation_cache, tiny_digits_config
 
 from dla_jax import inference, models
 from dla_jax.data import open_source
 from dla_jax.export import export_run
 from dla_jax.export_format import ExportFormatError
 from dla_jax.train import loop
+
+from train_helpers import cpu_env, enable_compilation_cache, tiny_digits_config
 
 enable_compilation_cache()
 

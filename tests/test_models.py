@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity_fixtures import CIFAR, DATA, load, nhwc
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
 from dla_jax.models.layer_attention import hand_back_final_values, weighted_values, weighted_values_saving_nothing
 from dla_jax.models.layers import DropPath, _depthwise_kernel_grad, conv2d, depthwise_conv3x3
+
+from parity_fixtures import CIFAR, DATA, load, nhwc
 
 # The spec's table, from the official code.
 PARAMETER_COUNTS = [

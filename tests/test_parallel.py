@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from train_helpers import launch_local
 
 from dla_jax import parallel
+
+from train_helpers import launch_local
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from parity_fixtures import CIFAR, DATA, IMAGENET, assert_close_to_reference, load, nhwc
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import create_model, unstack_blocks
+
+from parity_fixtures import CIFAR, DATA, IMAGENET, assert_close_to_reference, load, nhwc
 
 
 def _forward(model, variables, images, train):

@@ -12,6 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
+from dla_jax import parallel
+from dla_jax.train import loop
+
 from train_helpers import (
     cpu_env,
     enable_compilation_cache,
@@ -20,9 +24,6 @@ from train_helpers import (
     tiny_digits_cli,
     tiny_digits_config,
 )
-
-from dla_jax import parallel
-from dla_jax.train import loop
 
 enable_compilation_cache()
 

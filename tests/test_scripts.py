@@ -6,9 +6,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from train_helpers import enable_compilation_cache, tiny_digits_config
 
 from dla_jax.train import loop
+
+from train_helpers import enable_compilation_cache, tiny_digits_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

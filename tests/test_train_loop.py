@@ -9,6 +9,10 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+
+from dla_jax.train import loop
+from dla_jax.train.checkpoint import CheckpointMismatchError
+
 from train_helpers import (
     cpu_env,
     enable_compilation_cache,
@@ -17,9 +21,6 @@ from train_helpers import (
     tiny_digits_cli,
     tiny_digits_config,
 )
-
-from dla_jax.train import loop
-from dla_jax.train.checkpoint import CheckpointMismatchError
 
 enable_compilation_cache()
 

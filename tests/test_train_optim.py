@@ -3,9 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import optax
-from train_helpers import load_config
 
 from dla_jax.train import optim
+
+from train_helpers import load_config
 
 
 def test_sgd_matches_pytorch_update_rule():
