@@ -10,7 +10,10 @@ models (ResNet-20's step ~30% slower between DLA steps), which flatters the rati
 Data is synthetic (random images, labels), the step is the training code's own
 `train_step` (SGD with momentum, weight decay). Compile time is the wall time of
 `lower(...).compile()`. Use `--compile-only` to measure compile-time scaling (e.g.
-`--depths 20,164 --no-scan`). More than one device on a CPU needs
+`--depths 20,164 --no-scan`). `--profile DIR` then traces a few more steps of each
+configuration with `jax.profiler` (TensorBoard/XProf/Perfetto read DIR/<configuration>/)
+and writes each compiled step's HLO beside it, whose `op_name` metadata maps XLA's fusions
+back to the model's modules. More than one device on a CPU needs
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
 """
 
@@ -94,7 +97,7 @@ def _device_peak_bytes(devices: list[jax.Device]) -> int | None:
 class Case:
     """One configuration: its jitted steps compiled, its state and synthetic batch placed."""
 
-    def __init__(self, setting: dict[str, Any], *, scan: bool, modes: tuple[str, ...], seed: int = 0):
+    def __init__(self, setting: dict[str, Any], *, scan: bool, remat: bool, modes: tuple[str, ...], seed: int = 0):
         self.setting = setting
         self.modes = modes
         layout, depth, batch = setting["layout"], setting["depth"], setting["batch_size"]
@@ -111,6 +114,7 @@ class Case:
             num_classes=setting["num_classes"],
             dtype=jnp.dtype(setting["dtype"]),
             scan_blocks=scan,
+            remat_attention=remat,
         )
         train_config = ml_collections.ConfigDict({"weight_decay": 1e-4, "momentum": 0.9})
         lr_schedule = lambda step: jnp.asarray(0.1, jnp.float32)  # noqa: E731  (constant: no schedule cost)
@@ -144,7 +148,7 @@ class Case:
             ),
         }
         self.compiled: dict[str, Any] = {}
-        self.result: dict[str, Any] = dict(setting, scan=scan)
+        self.result: dict[str, Any] = dict(setting, scan=scan, remat_attention=remat)
         for mode in modes:
             start = time.perf_counter()
             compiled = step_fns[mode].lower(self.state, self.batch).compile()
@@ -171,6 +175,24 @@ class Case:
             jax.block_until_ready(self.state)
         return time.perf_counter() - start
 
+    def name(self) -> str:
+        """A file-name-safe label, e.g. dla_l-imagenet50-b128-bfloat16-d1-scan."""
+        s = self.setting
+        return (
+            f"{s['family']}-{s['layout']}{s['depth']}-b{s['batch_size']}-{s['dtype']}-d{s['devices']}"
+            f"-{'scan' if self.result['scan'] else 'unrolled'}{'' if self.result['remat_attention'] else '-saved'}"
+        )
+
+    def profile(self, directory: Path, steps: int) -> None:
+        """Trace `steps` more steps of each mode into directory/<name>/, HLO text beside it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for mode in self.modes:
+            (directory / f"{self.name()}-{mode}.hlo.txt").write_text(self.compiled[mode].as_text())
+        with jax.profiler.trace(str(directory / self.name())):
+            for _ in range(steps):
+                for mode in self.modes:
+                    self.run(mode)
+
     def summarise(self, warmup: int) -> dict[str, Any]:
         batch = self.setting["batch_size"]
         for mode, times in self.times.items():
@@ -189,17 +211,21 @@ def run_benchmark(
     settings: list[dict[str, Any]],
     *,
     scan: bool,
+    remat: bool = True,
     modes: tuple[str, ...],
     steps: int,
     warmup: int,
     interleave: bool = False,
+    profile: Path | None = None,
+    profile_steps: int = 3,
     log: Callable[[str], None] = lambda text: None,
 ) -> list[dict[str, Any]]:
-    """Compiles every setting, then times `warmup + steps` steps of each (round-robin if `interleave`)."""
+    """Compiles every setting, then times `warmup + steps` steps of each (round-robin if
+    `interleave`); with `profile`, traces `profile_steps` more of each afterwards."""
     cases = []
     for setting in settings:
         log(f"compiling {describe(setting)}")
-        cases.append(Case(setting, scan=scan, modes=modes))
+        cases.append(Case(setting, scan=scan, remat=remat, modes=modes))
         log("  " + ", ".join(f"{m} {cases[-1].result[f'{m}_compile_s']:.1f}s" for m in modes))
     groups = [cases] * (warmup + steps) if interleave else [[case] * (warmup + steps) for case in cases]
     for index, group in enumerate(groups):
@@ -207,6 +233,10 @@ def run_benchmark(
             for mode in modes:
                 case.times[mode].append(case.run(mode))
         log(f"timed {index + 1}/{len(groups)} " + ("rounds" if interleave else "configurations"))
+    if profile is not None:
+        for case in cases:
+            log(f"profiling {describe(case.setting)} into {profile / case.name()}")
+            case.profile(profile, profile_steps)
     return [case.summarise(warmup) for case in cases]
 
 
@@ -238,9 +268,9 @@ def _format(value: Any, digits: int) -> str:
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per configuration: throughput, ratio to ResNet, compile times, FLOPs, memory."""
     header = (
-        "| family | layout | depth | batch | dtype | devices | scan | train img/s | train x ResNet | eval img/s "
-        "| train compile s | eval compile s | XLA GFLOP/img (train) | XLA GFLOP/img (eval) | spec GMAC/img "
-        "| train temp MiB |"
+        "| family | layout | depth | batch | dtype | devices | scan | remat | train img/s | train x ResNet "
+        "| eval img/s | train compile s | eval compile s | XLA GFLOP/img (train) | XLA GFLOP/img (eval) "
+        "| spec GMAC/img | train temp MiB |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
@@ -253,6 +283,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             r["dtype"],
             str(r["devices"]),
             "yes" if r["scan"] else "no",
+            "yes" if r["remat_attention"] else "no",
             _format(r.get("train_images_per_s"), 1),
             _format(r.get("train_vs_resnet"), 2),
             _format(r.get("eval_images_per_s"), 1),
@@ -308,10 +339,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=None, help="default: 10 (cifar) or 1000 (imagenet)")
     parser.add_argument("--modes", type=_csv(str), default=list(MODES), help="train and/or eval")
     parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="nn.scan over blocks")
+    parser.add_argument(
+        "--remat-attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute the light attention branch in the backward pass (the model's remat_attention)",
+    )
     parser.add_argument("--interleave", action="store_true", help="step the configurations round-robin")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--compile-only", action="store_true", help="compile and analyse, run no steps")
+    parser.add_argument("--profile", type=Path, default=None, help="trace extra steps into this folder")
     parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
@@ -367,10 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     results = run_benchmark(
         settings,
         scan=args.scan,
+        remat=args.remat_attention,
         modes=tuple(args.modes),
         steps=0 if args.compile_only else args.steps,
         warmup=0 if args.compile_only else args.warmup,
         interleave=args.interleave,
+        profile=None if args.compile_only else args.profile,
         log=log,
     )
     add_ratios(results)

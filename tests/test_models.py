@@ -13,7 +13,7 @@ import pytest
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
 from dla_jax.models.layer_attention import hand_back_final_values, weighted_values, weighted_values_saving_nothing
-from dla_jax.models.layers import DropPath, _depthwise_kernel_grad, conv2d, depthwise_conv3x3
+from dla_jax.models.layers import DropPath, _grouped_conv3x3, _grouped_kernel_grad, conv2d, depthwise_conv3x3
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
 
@@ -88,6 +88,23 @@ def test_scan_equals_unrolled_loop(family):
         chex.assert_trees_all_close(unstack_blocks(stats), unrolled_stats, rtol=1e-10, atol=1e-12)
         chex.assert_tree_all_finite(grads)
         assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
+def test_saving_the_attention_branch_equals_recomputing_it(family):
+    """`remat_attention` only trades memory for compute: same logits, gradients, BN statistics
+    (in float64, where the two programs' different summation orders do not show)."""
+    with jax.enable_x64(True):
+        recomputed = create_model(family, layout="cifar", depth=11, num_classes=10, dtype=jnp.float64)
+        variables, images = _init(recomputed, size=16)
+        variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables)
+        images = images.astype(jnp.float64)
+        grads, (logits, stats) = _loss_and_stats(recomputed, variables, images)
+        saved = recomputed.clone(remat_attention=False)
+        saved_grads, (saved_logits, saved_stats) = _loss_and_stats(saved, variables, images)
+        chex.assert_trees_all_close(saved_logits, logits, rtol=1e-10, atol=1e-10)
+        chex.assert_trees_all_close(saved_grads, grads, rtol=1e-8, atol=1e-10)
+        chex.assert_trees_all_close(saved_stats, stats, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["dla_l", "dla_b"])
@@ -270,16 +287,15 @@ def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
     assert_values_and_gradients_close(depthwise_conv3x3, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
 
 
-def test_depthwise_kernel_gradient_of_other_backends_equals_xla():
-    """The kernel gradient GPUs/TPUs take (one tile, per-tap reductions; the CPU tiles the
-    batch instead) equals XLA's grouped-convolution kernel gradient."""
+def test_depthwise_backward_of_other_backends_equals_autodiff():
+    """On GPUs/TPUs the custom VJP's input gradient is the grouped conv of dy with the
+    flipped kernel, and its kernel gradient XLA's: both equal autodiff of the grouped conv."""
     channels = 5
-    x = jax.random.normal(jax.random.key(0), (12, 6, 7, channels))
-    dy = jax.random.normal(jax.random.key(1), (12, 6, 7, channels))
-    kernel_vjp = jax.vjp(lambda kernel: grouped_conv3x3(x, kernel), jnp.zeros((3, 3, 1, channels)))[1]
-    reference = kernel_vjp(dy)[0][:, :, 0, :]
-    ours = _depthwise_kernel_grad(x, dy, tile=x.shape[0], batch_chunks=1)
-    chex.assert_trees_all_close(ours, reference, rtol=1e-5, atol=1e-4)
+    x, dy = (jax.random.normal(jax.random.key(seed), (12, 6, 7, channels)) for seed in (0, 1))
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, 1, channels))
+    dx, dkernel = jax.vjp(grouped_conv3x3, x, kernel)[1](dy)
+    chex.assert_trees_all_close(_grouped_conv3x3(dy, kernel[::-1, ::-1]), dx, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(_grouped_kernel_grad(x, dy), dkernel[:, :, 0, :], rtol=1e-5, atol=1e-4)
 
 
 def test_dla_b_weighted_values_and_gradients_equal_einsum():

@@ -33,12 +33,13 @@ def compilation_cache():
     enable_compilation_cache()
 
 
-@pytest.mark.parametrize("order", [[], ["--interleave"]])
-def test_benchmark_writes_json_and_markdown(tmp_path, order):
+@pytest.mark.parametrize("options", [[], ["--interleave", "--no-remat-attention", "--profile", "profile"]])
+def test_benchmark_writes_json_and_markdown(tmp_path, options):
     benchmark = load_script("benchmark")
     out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    options = [str(tmp_path / option) if option == "profile" else option for option in options]
     argv = ["--families", "resnet,mrla_l", "--depths", "11", "--batch-sizes", "4", "--image-size", "8"]
-    argv += ["--steps", "2", "--warmup", "1", "--devices", "2", "--out", str(out), "--markdown", str(table), *order]
+    argv += ["--steps", "2", "--warmup", "1", "--devices", "2", "--out", str(out), "--markdown", str(table), *options]
     assert benchmark.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["machine"]["backend"] == "cpu" and record["machine"]["host_cores"] >= 1
@@ -52,6 +53,14 @@ def test_benchmark_writes_json_and_markdown(tmp_path, order):
             assert len(result[f"{mode}_step_times_s"]) == 2
         assert result["train_vs_resnet"] > 0
     assert table.read_text().count("\n") == 2 + len(results)
+    assert all(r["remat_attention"] == ("--no-remat-attention" not in options) for r in results)
+    if "--profile" in options:
+        # A trace per configuration, and the compiled steps whose op_name metadata maps it to modules.
+        for family in ("resnet", "mrla_l"):
+            name = f"{family}-cifar11-b4-float32-d2-scan-saved"
+            assert list((tmp_path / "profile" / name).glob("**/*.xplane.pb")), name
+            assert (tmp_path / "profile" / f"{name}-eval.hlo.txt").exists()
+        assert "layer_attention" in (tmp_path / "profile" / f"{name}-train.hlo.txt").read_text()
 
 
 def test_benchmark_rejects_bad_arguments(capsys):

@@ -39,6 +39,7 @@ def create_model(
     head_dropout: float = 0.0,
     dtype: Any = jnp.float32,
     scan_blocks: bool = True,
+    remat_attention: bool = True,
 ) -> nn.Module:
     """Build a ResNet of `family` ("resnet", "mrla_l", "dla_l", "dla_b").
 
@@ -46,7 +47,9 @@ def create_model(
     sample 0's DSU context for the whole batch; "per_sample" refreshes each sample with
     its own. `scan_blocks=False` unrolls the stages (tree layout: see `unstack_blocks`).
     `drop_path` (stochastic depth of the attention branches) and `head_dropout` (dropout
-    before the classifier) act in training only.
+    before the classifier) act in training only. `remat_attention` recomputes the light
+    attention branch (MRLA-light, DLA-L) in the backward pass instead of saving it: less
+    memory; faster on CPU, slower on a GPU.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is unknown: use one of {list(FAMILIES)}")
@@ -70,13 +73,15 @@ def create_model(
         head_dropout=head_dropout,
         dtype=jnp.dtype(dtype),
         scan_blocks=scan_blocks,
+        remat_attention=remat_attention,
     )
 
 
 def from_config(model_config: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The model a training config's `model` section (or an export's model config) describes.
 
-    Exports hold no `drop_path` or `head_dropout`: they only act in training, so they are 0 there.
+    Exports hold no `drop_path`, `head_dropout` or `remat_attention`: they only act in
+    training, so they take their inference values there.
     """
     return create_model(
         model_config["family"],
@@ -88,4 +93,5 @@ def from_config(model_config: Mapping[str, Any], num_classes: int) -> nn.Module:
         head_dropout=model_config.get("head_dropout", 0.0),
         dtype=jnp.dtype(model_config["dtype"]),
         scan_blocks=model_config["scan_blocks"],
+        remat_attention=model_config.get("remat_attention", True),
     )

@@ -215,33 +215,58 @@ def _batch_tile(batch: int, most: int = 16) -> int:
     return max(k for k in range(1, min(batch, most) + 1) if batch % k == 0)
 
 
+def _grouped_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's own depthwise 3x3 conv (a grouped convolution, one group per channel), padding 1."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+def _grouped_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """The kernel gradient of XLA's grouped conv, as [3, 3, C] in float32+ (the CPU branch's type)."""
+    zeros = jnp.zeros((3, 3, 1, x.shape[-1]), x.dtype)
+    dkernel = jax.vjp(lambda kernel: _grouped_conv3x3(x, kernel), zeros)[1](dy)[0]
+    return dkernel[:, :, 0, :].astype(jnp.promote_types(dy.dtype, jnp.float32))
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.platform_dependent(x, kernel, cpu=_shifted_products, default=_grouped_conv3x3)
+
+
 @jax.custom_vjp
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise 3x3 conv, padding 1, as a sum of nine shifted products.
+    """Depthwise 3x3 conv, padding 1: nine shifted products on the CPU, XLA's grouped conv elsewhere.
 
     `kernel` is [3, 3, 1, C] (Flax's grouped-conv layout). XLA's grouped convolution is
-    slow on CPU; nine shifted multiply-adds fuse into one loop and are exact. The custom
-    VJP keeps only `x` for the backward pass (autodiff would keep nine shifted copies)
-    and computes the kernel gradient in a form XLA:CPU runs fast (see
-    `_depthwise_kernel_grad`); other backends reduce each tap directly.
+    slow on CPU; nine shifted multiply-adds fuse into one loop and are exact. On a GPU
+    cuDNN's grouped conv is the faster one (H200, bf16, ResNet-50 stage 0: forward 0.30
+    against 0.58 ms, kernel gradient 0.31 against 0.89 ms for the best XLA reduction).
+    The custom VJP keeps only `x` for the backward pass (autodiff of the nine products
+    would keep nine shifted copies) and, on the CPU, computes the kernel gradient in a
+    form XLA:CPU runs fast (see `_depthwise_kernel_grad`).
     """
-    return _shifted_products(x, kernel)
+    return _depthwise(x, kernel)
 
 
 def _depthwise_forward(x, kernel):
-    return _shifted_products(x, kernel), (x, kernel)
+    return _depthwise(x, kernel), (x, kernel)
 
 
 def _depthwise_backward(residuals, dy):
     """dx is the same conv of dy with the kernel flipped; dkernel sums x's shifts times dy."""
     x, kernel = residuals
-    dx = _shifted_products(dy, kernel[::-1, ::-1])
+    dx = _depthwise(dy, kernel[::-1, ::-1])
     tile = _batch_tile(x.shape[0])
     dkernel = jax.lax.platform_dependent(
         x,
         dy,
         cpu=functools.partial(_depthwise_kernel_grad, tile=tile, batch_chunks=tile),
-        default=functools.partial(_depthwise_kernel_grad, tile=x.shape[0], batch_chunks=1),
+        default=_grouped_kernel_grad,
     )
     return dx, dkernel[:, :, None, :].astype(kernel.dtype)
 

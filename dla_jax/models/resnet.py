@@ -53,6 +53,7 @@ class ResNet(nn.Module):
     head_dropout: float = 0.0
     dtype: Any = jnp.float32
     scan_blocks: bool = True
+    remat_attention: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -79,6 +80,7 @@ class ResNet(nn.Module):
                 drop_path=self.drop_path,
                 dsu_context=self.dsu_context,
                 scan_blocks=self.scan_blocks,
+                remat_attention=self.remat_attention,
                 dtype=self.dtype,
                 name=f"stage_{index}",
             )(x, train)

@@ -11,7 +11,17 @@ SCHEDULES = ("multistep", "cosine", "constant")
 
 REQUIRED_FIELDS = {
     "": ("seed", "model", "data", "mesh", "train"),
-    "model": ("family", "layout", "depth", "dsu_context", "drop_path", "head_dropout", "dtype", "scan_blocks"),
+    "model": (
+        "family",
+        "layout",
+        "depth",
+        "dsu_context",
+        "drop_path",
+        "head_dropout",
+        "dtype",
+        "scan_blocks",
+        "remat_attention",
+    ),
     "data": (
         "source",
         "name",
