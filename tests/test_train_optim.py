@@ -60,3 +60,15 @@ def test_num_steps_overrides_epochs():
     assert optim.total_train_steps(train, 22.45) == round(train.num_epochs * 22.45)
     train.num_steps = 7
     assert optim.total_train_steps(train, 22.45) == 7
+
+
+def test_periods_end_on_the_epoch_grid_and_the_last_at_the_last_step():
+    """Eval/checkpoint periods of the quickstart: 15 epochs of 1437/64 = 22.45 steps, every 5."""
+    steps_per_epoch = 1437 / 64
+    total = optim.total_train_steps(load_config("quickstart").train, steps_per_epoch)
+    ends = [step for step in range(1, total + 1) if optim.ends_period(step, 5.0, steps_per_epoch)]
+    # 5, 10 and 15 epochs are 112.3, 224.5 and 336.8 steps; the last is the run's last step,
+    # so the loop does not evaluate at 336 and again at 337.
+    assert total == 337 and ends == [112, 225, 337]
+    # More than one period per step: every step ends one.
+    assert all(optim.ends_period(step, 0.5, 1.5) for step in range(1, 10))

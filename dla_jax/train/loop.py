@@ -173,8 +173,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     progress = Progress(start_step=start_step, total_steps=run.total_steps, enabled=is_main)
     progress.message(_start_banner(config, info, run, start_step, mesh))
     log_every = config.train.log_every_steps
-    eval_every = optim.steps_for_epochs(config.train.eval_every_epochs, run.steps_per_epoch)
-    checkpoint_every = optim.steps_for_epochs(config.train.checkpoint_every_epochs, run.steps_per_epoch)
 
     preemption = _PreemptionFlag()
     train_iter = data.train_batches(
@@ -200,14 +198,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 pending = []
                 writer.write(step, scalars)
                 progress.update(step, scalars)
-            if step % eval_every == 0 or last:
+            if last or optim.ends_period(step, config.train.eval_every_epochs, run.steps_per_epoch):
                 eval_scalars = evaluate(eval_fn, state, config, mesh)
                 writer.write(step, eval_scalars)
                 progress.message(
                     f"step {step}: eval top-1 {eval_scalars['eval_top1']:.4f}, top-5 "
                     f"{eval_scalars['eval_top5']:.4f}, loss {eval_scalars['eval_loss']:.4f}"
                 )
-            if step % checkpoint_every == 0 or last or preemption.raised:
+            checkpoint_due = optim.ends_period(step, config.train.checkpoint_every_epochs, run.steps_per_epoch)
+            if checkpoint_due or last or preemption.raised:
                 checkpoints.save(state, run.metadata)
             if preemption.raised:
                 progress.message(f"SIGTERM: saved the checkpoint of step {step} in {checkpoints.directory}; exiting")

@@ -14,6 +14,21 @@ def steps_for_epochs(epochs: float, steps_per_epoch: float) -> int:
     return max(1, round(epochs * steps_per_epoch))
 
 
+def ends_period(step: int, every_epochs: float, steps_per_epoch: float) -> bool:
+    """Whether `step` ends a period of `every_epochs` epochs: step round(k * every_epochs * S), k >= 1.
+
+    Periods sit on the fractional epoch grid (as the lr schedule's epoch boundaries do), not
+    every round(every_epochs * S) steps, whose rounding error grows with k: 15 epochs of 22.45
+    steps evaluated every 5 would then end periods at steps 112, 224 and 336, one step
+    before the run's last (337), which evaluates again.
+    """
+    interval = every_epochs * steps_per_epoch
+    if interval <= 1:
+        return True
+    k = round(step / interval)
+    return k >= 1 and round(k * interval) == step
+
+
 def total_train_steps(train_config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
     """`num_steps` when it is positive, else `num_epochs` worth of steps."""
     if train_config.num_steps > 0:
