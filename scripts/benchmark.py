@@ -211,7 +211,7 @@ def run_benchmark(
     settings: list[dict[str, Any]],
     *,
     scan: bool,
-    remat: bool = True,
+    remat: bool,
     modes: tuple[str, ...],
     steps: int,
     warmup: int,

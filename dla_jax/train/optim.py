@@ -26,7 +26,7 @@ def ends_period(step: int, every_epochs: float, steps_per_epoch: float) -> bool:
     if interval <= 1:
         return True
     k = round(step / interval)
-    return k >= 1 and round(k * interval) == step
+    return k >= 1 and steps_for_epochs(k * every_epochs, steps_per_epoch) == step
 
 
 def total_train_steps(train_config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
