@@ -40,7 +40,7 @@ def get_config(family_and_depth: str = "dla_l,20") -> config_dict.ConfigDict:
     config.model.head_dropout = 0.0
     config.model.dtype = "float32"
     config.model.scan_blocks = False
-    config.model.remat_attention = True  # recompute the light attention branch: faster on CPU
+    config.model.remat_attention = False  # True recomputes the light attention branch: less memory, slower
 
     config.data = config_dict.ConfigDict()
     config.data.source = "files"

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dla_jax import parallel
+from dla_jax import host_memory, parallel
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.train import loop
 from dla_jax.train.checkpoint import CheckpointMismatchError
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    host_memory.keep_freed_memory()
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)

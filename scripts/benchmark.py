@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dla_jax import models, parallel
+from dla_jax import host_memory, models, parallel
 from dla_jax.train import optim
 from dla_jax.train.state import create_train_state
 from dla_jax.train.step import eval_step, train_step
@@ -180,7 +180,7 @@ class Case:
         s = self.setting
         return (
             f"{s['family']}-{s['layout']}{s['depth']}-b{s['batch_size']}-{s['dtype']}-d{s['devices']}"
-            f"-{'scan' if self.result['scan'] else 'unrolled'}{'' if self.result['remat_attention'] else '-saved'}"
+            f"-{'scan' if self.result['scan'] else 'unrolled'}{'-remat' if self.result['remat_attention'] else ''}"
         )
 
     def profile(self, directory: Path, steps: int) -> None:
@@ -342,8 +342,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--remat-attention",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="recompute the light attention branch in the backward pass (the model's remat_attention)",
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tune glibc malloc as dla_jax.main does (dla_jax.host_memory)",
     )
     parser.add_argument("--interleave", action="store_true", help="step the configurations round-robin")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -367,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for mode in args.modes:
         if mode not in MODES:
             parser.error(f"--modes: {mode!r} is not one of {','.join(MODES)}")
+    # Before JAX starts its runtime (the device count below does), as in dla_jax.main.
+    args.malloc_tuned = args.keep_freed_memory and host_memory.keep_freed_memory()
     available = jax.device_count()
     for count in args.devices:
         if not 1 <= count <= available:
@@ -415,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_ratios(results)
     table = markdown_table(results)
-    record = {"machine": machine_description(), "command": " ".join(sys.argv), "results": results}
+    machine = dict(machine_description(), malloc_tuned=args.malloc_tuned)
+    record = {"machine": machine, "command": " ".join(sys.argv), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     if args.markdown:

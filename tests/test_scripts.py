@@ -2,11 +2,13 @@
 
 import importlib.util
 import json
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
+from dla_jax import host_memory
 from dla_jax.train import loop
 
 from train_helpers import enable_compilation_cache, tiny_digits_config
@@ -33,7 +35,9 @@ def compilation_cache():
     enable_compilation_cache()
 
 
-@pytest.mark.parametrize("options", [[], ["--interleave", "--no-remat-attention", "--profile", "profile"]])
+@pytest.mark.parametrize(
+    "options", [[], ["--interleave", "--remat-attention", "--no-keep-freed-memory", "--profile", "profile"]]
+)
 def test_benchmark_writes_json_and_markdown(tmp_path, options):
     benchmark = load_script("benchmark")
     out, table = tmp_path / "bench.json", tmp_path / "bench.md"
@@ -44,6 +48,8 @@ def test_benchmark_writes_json_and_markdown(tmp_path, options):
     record = json.loads(out.read_text())
     assert record["machine"]["backend"] == "cpu" and record["machine"]["host_cores"] >= 1
     assert "--xla_force_host_platform_device_count" in record["machine"]["environment"]["XLA_FLAGS"]
+    malloc_tunable = host_memory.GLIBC and not any(name in os.environ for name in host_memory.USER_SETTINGS)
+    assert record["machine"]["malloc_tuned"] == (malloc_tunable and "--no-keep-freed-memory" not in options)
     results = record["results"]
     assert [(r["family"], r["devices"]) for r in results] == [("resnet", 2), ("mrla_l", 2)]
     for result in results:
@@ -53,11 +59,11 @@ def test_benchmark_writes_json_and_markdown(tmp_path, options):
             assert len(result[f"{mode}_step_times_s"]) == 2
         assert result["train_vs_resnet"] > 0
     assert table.read_text().count("\n") == 2 + len(results)
-    assert all(r["remat_attention"] == ("--no-remat-attention" not in options) for r in results)
+    assert all(r["remat_attention"] == ("--remat-attention" in options) for r in results)
     if "--profile" in options:
         # A trace per configuration, and the compiled steps whose op_name metadata maps it to modules.
         for family in ("resnet", "mrla_l"):
-            name = f"{family}-cifar11-b4-float32-d2-scan-saved"
+            name = f"{family}-cifar11-b4-float32-d2-scan-remat"
             assert list((tmp_path / "profile" / name).glob("**/*.xplane.pb")), name
             assert (tmp_path / "profile" / f"{name}-eval.hlo.txt").exists()
         assert "layer_attention" in (tmp_path / "profile" / f"{name}-train.hlo.txt").read_text()

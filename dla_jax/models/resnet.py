@@ -53,7 +53,7 @@ class ResNet(nn.Module):
     head_dropout: float = 0.0
     dtype: Any = jnp.float32
     scan_blocks: bool = True
-    remat_attention: bool = True
+    remat_attention: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
