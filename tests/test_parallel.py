@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from dla_jax import parallel
 
-from train_helpers import launch_local
+from train_helpers import launch_local, run_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,12 +244,8 @@ def test_coordinator_without_peers_aborts_after_timeout():
 
 def test_two_processes_agree_on_a_global_sum():
     start = time.monotonic()
-    result = subprocess.run(
-        launch_local(sys.executable, "tests/multiprocess_psum_worker.py", devices_per_process=4),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_launcher(
+        launch_local(sys.executable, "tests/multiprocess_psum_worker.py", devices_per_process=4), cwd=REPO, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = float(np.arange(16 * 3).sum())
@@ -263,13 +259,7 @@ def test_two_processes_agree_on_a_global_sum():
 def test_launcher_stops_everyone_when_one_process_fails():
     code = "import sys, time; i = int(sys.argv[-1].split('=')[1]); time.sleep(0 if i else 60); sys.exit(3)"
     start = time.monotonic()
-    result = subprocess.run(
-        launch_local(sys.executable, "-c", code),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_launcher(launch_local(sys.executable, "-c", code), cwd=REPO, timeout=60)
     assert result.returncode == 3
     assert "process 1 exited with 3" in result.stderr
     assert time.monotonic() - start < 30

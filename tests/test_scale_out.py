@@ -21,6 +21,7 @@ from train_helpers import (
     enable_compilation_cache,
     launch_local,
     read_metrics,
+    run_launcher,
     tiny_digits_cli,
     tiny_digits_config,
 )
@@ -74,14 +75,12 @@ def test_two_processes_match_one_process(reference, tmp_path):
     """2 processes x 4 devices (the local launcher) end with the parameters of 1 process x 8 devices."""
     reference_state, reference_dir = reference
     workdir = tmp_path / "two_processes"
-    result = subprocess.run(
+    result = run_launcher(
         launch_local(
             sys.executable, "-m", "dla_jax.main", f"--workdir={workdir}", *tiny_digits_cli(), devices_per_process=4
         ),
         cwd=REPO,
         env=cpu_env(4),
-        capture_output=True,
-        text=True,
         timeout=500,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

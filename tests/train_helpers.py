@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -80,6 +81,22 @@ def launch_local(*command: str, num_processes: int = 2, devices_per_process: int
     if devices_per_process is not None:
         argv += ["--devices_per_process", str(devices_per_process)]
     return [*argv, "--", *command]
+
+
+def run_launcher(argv: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(argv, capture_output=True, text=True)` for a `launch_local` argv.
+
+    On timeout it sends SIGTERM, which the launcher passes on to its processes, and fails
+    with their output; `subprocess.run` would SIGKILL the launcher and leave them running.
+    """
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            launcher.terminate()
+            stdout, stderr = launcher.communicate(timeout=30)
+            raise AssertionError(f"timed out after {timeout} s:\n{stdout[-4000:]}{stderr[-2000:]}") from None
+    return subprocess.CompletedProcess(argv, launcher.returncode, stdout, stderr)
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
