@@ -95,7 +95,9 @@ def test_saving_the_attention_branch_equals_recomputing_it(family):
     """`remat_attention` only trades memory for compute: same logits, gradients, BN statistics
     (in float64, where the two programs' different summation orders do not show)."""
     with jax.enable_x64(True):
-        recomputed = create_model(family, layout="cifar", depth=11, num_classes=10, dtype=jnp.float64)
+        recomputed = create_model(
+            family, layout="cifar", depth=11, num_classes=10, dtype=jnp.float64, remat_attention=True
+        )
         variables, images = _init(recomputed, size=16)
         variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables)
         images = images.astype(jnp.float64)
