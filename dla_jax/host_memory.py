@@ -25,9 +25,14 @@ NEVER = -1  # as M_TRIM_THRESHOLD: never trim (mallopt(3))
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+def tunable() -> bool:
+    """glibc's malloc, and no malloc settings of the user's in the environment."""
+    return GLIBC and not any(name in os.environ for name in USER_SETTINGS)
+
+
 def keep_freed_memory() -> bool:
-    """One malloc arena, no mmap, no trimming; True when applied (glibc, no user settings)."""
-    if not GLIBC or any(name in os.environ for name in USER_SETTINGS):
+    """One malloc arena, no mmap, no trimming; True when applied (`tunable()`)."""
+    if not tunable():
         return False
     libc = ctypes.CDLL(None)
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER))

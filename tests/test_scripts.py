@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -48,8 +47,7 @@ def test_benchmark_writes_json_and_markdown(tmp_path, options):
     record = json.loads(out.read_text())
     assert record["machine"]["backend"] == "cpu" and record["machine"]["host_cores"] >= 1
     assert "--xla_force_host_platform_device_count" in record["machine"]["environment"]["XLA_FLAGS"]
-    malloc_tunable = host_memory.GLIBC and not any(name in os.environ for name in host_memory.USER_SETTINGS)
-    assert record["machine"]["malloc_tuned"] == (malloc_tunable and "--no-keep-freed-memory" not in options)
+    assert record["machine"]["malloc_tuned"] == (host_memory.tunable() and "--no-keep-freed-memory" not in options)
     results = record["results"]
     assert [(r["family"], r["devices"]) for r in results] == [("resnet", 2), ("mrla_l", 2)]
     for result in results:
