@@ -94,11 +94,10 @@ def evaluate(
     for local_batch in batches:
         sums = eval_fn(state, parallel.global_batch(local_batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        if jax.process_count() > 1:
-            # Eval steps do not depend on each other, so several can be in flight at once, and
-            # across processes their collectives (Gloo on CPU) can then pair up in different
-            # orders and deadlock (seen once in CI: both processes waiting in AllGather).
-            jax.block_until_ready(totals)
+        # Eval steps do not depend on each other, so without this wait several are in flight
+        # at once and their collectives can pair up in different orders: seen in CI as two
+        # processes deadlocked in Gloo's AllGather, and as a one-process worker aborting here.
+        jax.block_until_ready(totals)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {
