@@ -12,8 +12,21 @@ import pytest
 
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
-from dla_jax.models.layer_attention import hand_back_final_values, weighted_values, weighted_values_saving_nothing
-from dla_jax.models.layers import DropPath, _grouped_conv3x3, _grouped_kernel_grad, conv2d, depthwise_conv3x3
+from dla_jax.models.layer_attention import (
+    channel_conv1d,
+    hand_back_final_values,
+    light_sum,
+    weighted_values,
+    weighted_values_saving_nothing,
+)
+from dla_jax.models.layers import (
+    DropPath,
+    _grouped_conv3x3,
+    _grouped_kernel_grad,
+    batch_norm,
+    conv2d,
+    depthwise_conv3x3,
+)
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
 
@@ -298,6 +311,61 @@ def test_depthwise_backward_of_other_backends_equals_autodiff():
     dx, dkernel = jax.vjp(grouped_conv3x3, x, kernel)[1](dy)
     chex.assert_trees_all_close(_grouped_conv3x3(dy, kernel[::-1, ::-1]), dx, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(_grouped_kernel_grad(x, dy), dkernel[:, :, 0, :], rtol=1e-5, atol=1e-4)
+
+
+def test_batch_norm_and_its_gradients_equal_autodiff_of_the_formula():
+    """The training BatchNorm's hand-written VJP equals autodiff of its formula, for the
+    normalised output and for the batch mean and variance it also returns."""
+
+    def formula(x, scale, bias):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return (x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
+
+    def flat(norm):
+        return lambda x, scale, bias: jnp.concatenate([part.ravel() for part in norm(x, scale, bias)])
+
+    x = 3 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) + 1
+    scale, bias = (jax.random.normal(jax.random.key(seed), (7,)) for seed in (1, 2))
+    ours = flat(lambda x, scale, bias: batch_norm(x, scale, bias, 1e-5))
+    assert_values_and_gradients_close(ours, flat(formula), x, scale, bias, gradient_atol=1e-4)
+
+
+def test_channel_conv1d_and_its_gradients_equal_shifted_adds():
+    """The q/k projection as a banded matrix product equals torch's zero-padded Conv1d along C."""
+
+    def shifted_adds(y, kernel):
+        pad = (kernel.shape[0] - 1) // 2
+        padded = jnp.pad(y, ((0, 0), (pad, pad)))
+        return sum(kernel[i] * padded[:, i : i + y.shape[-1]] for i in range(kernel.shape[0]))
+
+    for size in (3, 5):
+        y = jax.random.normal(jax.random.key(size), (4, 64))
+        kernel = jax.random.normal(jax.random.key(size + 1), (size,))
+        assert_values_and_gradients_close(channel_conv1d, shifted_adds, y, kernel)
+
+
+@pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
+def test_light_sum_and_its_gradients_equal_autodiff(family):
+    """The light families' fused branch (hand-written VJP) equals the autodiff composition:
+    dwconv(out)·heads + λ·previous, previous = shortcut (MRLA-light) or shortcut·gate +
+    dwconv(shortcut) (DLA-L)."""
+    keys = jax.random.split(jax.random.key(0), 7)
+    out, shortcut = (jax.random.normal(key, (6, 5, 7, 8)) for key in keys[:2])
+    value_kernel, excite_kernel = (jax.random.normal(key, (3, 3, 1, 8)) for key in keys[2:4])
+    heads, gate = (jax.random.normal(key, (6, 8)) for key in keys[4:6])
+    lam = jax.random.normal(keys[6], (8,))
+    refresh = (gate, excite_kernel) if family == "dla_l" else None
+
+    def composed(out, shortcut, value_kernel, heads, lam, refresh):
+        previous = shortcut
+        if refresh is not None:
+            previous = shortcut * refresh[0][:, None, None, :] + depthwise_conv3x3(shortcut, refresh[1])
+        return depthwise_conv3x3(out, value_kernel) * heads[:, None, None, :] + lam * previous
+
+    assert_values_and_gradients_close(
+        light_sum, composed, out, shortcut, value_kernel, heads, lam, refresh, gradient_atol=1e-4
+    )
 
 
 def test_dla_b_weighted_values_and_gradients_equal_einsum():
