@@ -49,7 +49,7 @@ def create_model(
     `drop_path` (stochastic depth of the attention branches) and `head_dropout` (dropout
     before the classifier) act in training only. `remat_attention` recomputes the light
     attention branch (MRLA-light, DLA-L) in the backward pass instead of saving it: less
-    memory, slower (7% on the CPU, 13% on a GPU).
+    memory, slower (10% on the CPU, 13% on a GPU).
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is unknown: use one of {list(FAMILIES)}")
