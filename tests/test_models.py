@@ -368,12 +368,16 @@ def test_light_sum_and_its_gradients_equal_autodiff(family):
     )
 
 
-def test_dla_b_weighted_values_and_gradients_equal_einsum():
-    """DLA-B's cache read (hand-written VJP) equals the plain einsum, values and gradients."""
+@pytest.mark.parametrize("filled", [1, 3, 4])
+def test_dla_b_weighted_values_and_gradients_equal_einsum_over_the_filled_slots(filled):
+    """DLA-B's cache read equals the plain einsum over the first `filled` slots, values and gradients."""
     weights = jax.random.normal(jax.random.key(0), (4, 3, 6))
     values = jax.random.normal(jax.random.key(1), (4, 3, 5, 7, 6))
     assert_values_and_gradients_close(
-        weighted_values, lambda weights, values: jnp.einsum("tbc,tbhwc->bhwc", weights, values), weights, values
+        lambda weights, values: weighted_values(weights, values, jnp.int32(filled)),
+        lambda weights, values: jnp.einsum("tbc,tbhwc->bhwc", weights[:filled], values[:filled]),
+        weights,
+        values,
     )
 
 
@@ -387,9 +391,9 @@ def _attend_over_cache(xs, query, saving_nothing, scan):
         scores = jnp.mean(cache * query, axis=(2, 3))
         weights = jax.nn.softmax(jnp.where((jnp.arange(steps) <= index)[:, None, None], scores, -jnp.inf), axis=0)
         if saving_nothing:
-            out, final_values = weighted_values_saving_nothing(weights, cache, final_values)
+            out, cache, final_values = weighted_values_saving_nothing(weights, cache, final_values, index + 1)
         else:
-            out = weighted_values(weights, cache)
+            out = weighted_values(weights, cache, index + 1)
         return (out, cache, final_values, index + 1), None
 
     carry = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), jnp.zeros_like(xs), 0)

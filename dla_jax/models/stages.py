@@ -139,16 +139,16 @@ class Unit(nn.Module):
             cache[name] = jax.lax.dynamic_update_index_in_dim(cache[name], entry.astype(cache[name].dtype), index, 0)
         capacity = cache["keys"].shape[0]
         scores = head_scores(query[None], cache["keys"])
-        filled = (jnp.arange(capacity) <= index)[:, None, None]
-        weights = jax.nn.softmax(jnp.where(filled, scores, -jnp.inf), axis=0)
+        written = (jnp.arange(capacity) <= index)[:, None, None]
+        weights = jax.nn.softmax(jnp.where(written, scores, -jnp.inf), axis=0)
         self.sow("intermediates", "attention", weights)
         channel_weights = (expand_heads(weights) * cache["value_scales"]).astype(self.dtype)
         if "final_values" in cache:
-            attended, cache["final_values"] = weighted_values_saving_nothing(
-                channel_weights, cache["values"], cache["final_values"]
+            attended, cache["values"], cache["final_values"] = weighted_values_saving_nothing(
+                channel_weights, cache["values"], cache["final_values"], index + 1
             )
         else:
-            attended = weighted_values(channel_weights, cache["values"])
+            attended = weighted_values(channel_weights, cache["values"], index + 1)
         carry["cache"], carry["index"] = cache, index + 1
         return nn.relu(BatchNorm(dtype=self.dtype, name="attention_bn")(attended, self.train))
 
