@@ -310,7 +310,10 @@ def test_depthwise_backward_of_other_backends_equals_autodiff():
     kernel = jax.random.normal(jax.random.key(2), (3, 3, 1, channels))
     dx, dkernel = jax.vjp(grouped_conv3x3, x, kernel)[1](dy)
     chex.assert_trees_all_close(_grouped_conv3x3(dy, kernel[::-1, ::-1]), dx, rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(_grouped_kernel_grad(x, dy), dkernel[:, :, 0, :], rtol=1e-5, atol=1e-4)
+    chex.assert_trees_all_close(_grouped_kernel_grad(x, dy, None), dkernel[:, :, 0, :], rtol=1e-5, atol=1e-4)
+    scale = jax.random.uniform(jax.random.key(3), (12, channels))
+    scaled_dkernel = jax.vjp(grouped_conv3x3, x, kernel)[1](dy * scale[:, None, None, :])[1]
+    chex.assert_trees_all_close(_grouped_kernel_grad(x, dy, scale), scaled_dkernel[:, :, 0, :], rtol=1e-5, atol=1e-4)
 
 
 def test_batch_norm_and_its_gradients_equal_autodiff_of_the_formula():

@@ -19,6 +19,7 @@ from dla_jax.models.layers import (
     depthwise_kernel_init,
     global_avg_pool,
     plain_depthwise_conv3x3,
+    plain_depthwise_convs3x3,
     torch_default_uniform,
 )
 
@@ -129,25 +130,27 @@ def _light_sum_forward(out, shortcut, value_kernel, heads, lam, refresh):
 
 
 def _light_sum_backward(residuals, dz):
+    """Both input gradients are convs of dz itself, scaled after (a depthwise conv commutes with
+    per-image, per-channel factors), so dz is padded once and dz·heads is never written out."""
     out, shortcut, value, value_kernel, heads, lam, refresh = residuals
     dz32 = dz.astype(jnp.promote_types(dz.dtype, jnp.float32))
     d_heads = jnp.sum(value.astype(dz32.dtype) * dz32, axis=(1, 2))
-    d_value = dz * _per_sample(heads, dz.dtype)
-    d_out = plain_depthwise_conv3x3(d_value, value_kernel[::-1, ::-1])
-    d_value_kernel = depthwise_kernel_gradient(out, d_value)[:, :, None, :]
+    d_value_kernel = depthwise_kernel_gradient(out, dz, heads)[:, :, None, :]
     shortcut_dz = jnp.sum(shortcut.astype(dz32.dtype) * dz32, axis=(1, 2))
-    lam_dz = dz * lam.astype(dz.dtype)
+    lam_per_channel = lam.astype(dz.dtype)
     if refresh is None:
-        d_shortcut, d_lam, d_refresh = lam_dz, jnp.sum(shortcut_dz, axis=0), None
+        (value_conv,) = plain_depthwise_convs3x3(dz, (value_kernel[::-1, ::-1],))
+        d_shortcut, d_lam, d_refresh = dz * lam_per_channel, jnp.sum(shortcut_dz, axis=0), None
     else:
         gate, excite_kernel = refresh
+        value_conv, excite_conv = plain_depthwise_convs3x3(dz, (value_kernel[::-1, ::-1], excite_kernel[::-1, ::-1]))
         excite_taps = depthwise_kernel_gradient(shortcut, dz)
-        d_shortcut = lam_dz * _per_sample(gate, dz.dtype) + plain_depthwise_conv3x3(lam_dz, excite_kernel[::-1, ::-1])
+        d_shortcut = (dz * _per_sample(gate, dz.dtype) + excite_conv) * lam_per_channel
         d_lam = jnp.sum(gate * shortcut_dz, axis=0) + jnp.sum(excite_kernel[:, :, 0, :] * excite_taps, axis=(0, 1))
         d_excite_kernel = (lam * excite_taps)[:, :, None, :].astype(excite_kernel.dtype)
         d_refresh = ((lam * shortcut_dz).astype(gate.dtype), d_excite_kernel)
     return (
-        d_out,
+        value_conv * _per_sample(heads, dz.dtype),
         d_shortcut,
         d_value_kernel.astype(value_kernel.dtype),
         d_heads.astype(heads.dtype),
