@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -177,7 +179,7 @@ def _first_slots_gradients(
     return d_weights.astype(weights.dtype), jax.lax.dynamic_update_slice_in_dim(d_values, added, 0, 0)
 
 
-def over_filled_slots(branch, filled: jax.Array, capacity: int, *operands):
+def over_filled_slots(branch: Callable[..., Any], filled: jax.Array, capacity: int, *operands: jax.Array) -> Any:
     """branch(k, *operands) for k = filled, a traced count in 1..capacity: one `lax.switch` branch per k.
 
     Each branch is written for a static k, so it reads and writes only the k filled

@@ -209,7 +209,8 @@ def _tap_sums(padded: jax.Array, dy: jax.Array, scale: jax.Array | None, accumul
         term = padded[k : k + 1, i : i + height, j : j + width, :].astype(accumulate) * dy[k : k + 1].astype(accumulate)
         return term if scale is None else term * scale[k].astype(accumulate)
 
-    taps = [functools.reduce(jnp.add, (product(k, i, j) for k in range(dy.shape[0]))) for i in range(3) for j in range(3)]
+    images = range(dy.shape[0])
+    taps = [functools.reduce(jnp.add, (product(k, i, j) for k in images)) for i in range(3) for j in range(3)]
     return jnp.sum(jnp.stack(taps, axis=-2), axis=(0, 1, 2))
 
 
@@ -251,7 +252,7 @@ def _grouped_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _grouped_kernel_grad(x: jax.Array, dy: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """The kernel gradient of XLA's grouped conv, as [3, 3, C] in float32+ (the CPU branch's type)."""
+    """The kernel gradient of XLA's grouped conv for dy (* scale), as [3, 3, C] in float32+ (the CPU branch's type)."""
     if scale is not None:
         dy = dy * scale[:, None, None, :].astype(dy.dtype)
     zeros = jnp.zeros((3, 3, 1, x.shape[-1]), x.dtype)
