@@ -140,14 +140,14 @@ def _light_sum_backward(residuals, dz):
     d_value_kernel = depthwise_kernel_gradient(out, dz, heads)[:, :, None, :]
     shortcut_dz = jnp.sum(shortcut.astype(dz32.dtype) * dz32, axis=(1, 2))
     lam_per_channel = lam.astype(dz.dtype)
+    kernels = (value_kernel,) if refresh is None else (value_kernel, refresh[1])
+    value_conv, *excite_convs = plain_depthwise_convs3x3(dz, tuple(kernel[::-1, ::-1] for kernel in kernels))
     if refresh is None:
-        (value_conv,) = plain_depthwise_convs3x3(dz, (value_kernel[::-1, ::-1],))
         d_shortcut, d_lam, d_refresh = dz * lam_per_channel, jnp.sum(shortcut_dz, axis=0), None
     else:
         gate, excite_kernel = refresh
-        value_conv, excite_conv = plain_depthwise_convs3x3(dz, (value_kernel[::-1, ::-1], excite_kernel[::-1, ::-1]))
         excite_taps = depthwise_kernel_gradient(shortcut, dz)
-        d_shortcut = (dz * _per_sample(gate, dz.dtype) + excite_conv) * lam_per_channel
+        d_shortcut = (dz * _per_sample(gate, dz.dtype) + excite_convs[0]) * lam_per_channel
         d_lam = jnp.sum(gate * shortcut_dz, axis=0) + jnp.sum(excite_kernel[:, :, 0, :] * excite_taps, axis=(0, 1))
         d_excite_kernel = (lam * excite_taps)[:, :, None, :].astype(excite_kernel.dtype)
         d_refresh = ((lam * shortcut_dz).astype(gate.dtype), d_excite_kernel)

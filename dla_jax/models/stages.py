@@ -143,13 +143,14 @@ class Unit(nn.Module):
         weights = jax.nn.softmax(jnp.where(written, scores, -jnp.inf), axis=0)
         self.sow("intermediates", "attention", weights)
         channel_weights = (expand_heads(weights) * cache["value_scales"]).astype(self.dtype)
+        filled = index + 1
         if "final_values" in cache:
             attended, cache["values"], cache["final_values"] = weighted_values_saving_nothing(
-                channel_weights, cache["values"], cache["final_values"], index + 1
+                channel_weights, cache["values"], cache["final_values"], filled
             )
         else:
-            attended = weighted_values(channel_weights, cache["values"], index + 1)
-        carry["cache"], carry["index"] = cache, index + 1
+            attended = weighted_values(channel_weights, cache["values"], filled)
+        carry["cache"], carry["index"] = cache, filled
         return nn.relu(BatchNorm(dtype=self.dtype, name="attention_bn")(attended, self.train))
 
 
