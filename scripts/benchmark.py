@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="tune glibc malloc as dla_jax.main does (dla_jax.host_memory)",
+        help="tune glibc malloc as dla_jax.main does when JAX computes on the CPU (dla_jax.host_memory)",
     )
     parser.add_argument("--interleave", action="store_true", help="step the configurations round-robin")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")

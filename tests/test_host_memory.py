@@ -52,3 +52,25 @@ def test_tuned_malloc_keeps_freed_buffers_resident():
 def test_user_malloc_settings_are_left_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert host_memory.keep_freed_memory() is False
+
+
+def tunable_in_a_fresh_process(env_changes: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS + ("JAX_PLATFORMS",)}
+    env.update(env_changes)
+    code = "from dla_jax import host_memory; print(host_memory.tunable(), host_memory.accelerator_plugins())"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+@pytest.mark.skipif(not host_memory.GLIBC, reason="tunes glibc's malloc only")
+def test_malloc_is_tuned_only_when_jax_computes_on_the_cpu(tmp_path):
+    # An accelerator's buffers are not malloc's, and one arena slows its compiler's threads.
+    assert tunable_in_a_fresh_process({"JAX_PLATFORMS": "cpu"}).startswith("True")
+    assert tunable_in_a_fresh_process({"JAX_PLATFORMS": "cuda,cpu"}).startswith("False")
+    plugin = tmp_path / "jax_plugins" / "fake_cuda_plugin"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("")
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    assert tunable_in_a_fresh_process({"PYTHONPATH": pythonpath}) == "False ['fake_cuda_plugin']"
+    assert tunable_in_a_fresh_process({"PYTHONPATH": pythonpath, "JAX_PLATFORMS": "cpu"}).startswith("True")
