@@ -96,10 +96,9 @@ def _previous(shortcut: jax.Array, refresh) -> jax.Array:
     return shortcut * _per_sample(gate, shortcut.dtype) + plain_depthwise_conv3x3(shortcut, excite_kernel)
 
 
-def _light_sum_with_value(out, shortcut, value_kernel, heads, lam, refresh):
+def _light_sum(out, shortcut, value_kernel, heads, lam, refresh):
     value = plain_depthwise_conv3x3(out, value_kernel)
-    z = value * _per_sample(heads, out.dtype) + lam.astype(out.dtype) * _previous(shortcut, refresh)
-    return z, value
+    return value * _per_sample(heads, out.dtype) + lam.astype(out.dtype) * _previous(shortcut, refresh)
 
 
 @jax.custom_vjp
@@ -117,31 +116,39 @@ def light_sum(
     `refresh=(gate, excite_kernel)`, shortcut · gate + dwconv(shortcut, excite_kernel).
     `heads` are the per-channel gates [B, C], `gate` the DSU's [B, C], λ is [C].
 
-    The hand-written VJP saves only the value besides its inputs. λ's gradient comes from
-    the sums it needs anyway (Σ shortcut·dz per sample and the excite conv's kernel
-    gradient), so neither `previous` nor the excite conv's output is kept or recomputed.
+    The hand-written VJP saves nothing but its inputs. λ's gradient comes from the sums it
+    needs anyway (Σ shortcut·dz per sample and the excite conv's kernel gradient), so
+    neither `previous` nor the excite conv's output is kept or recomputed; nor is the
+    value: the heads' gradient Σ_hw value·dz equals Σ_hw out·conv(dz, flipped kernel), the
+    conv that out's gradient needs anyway (the depthwise conv's adjoint).
     Against autodiff: DLA-L-56 train step 11% faster and 11% less temporary memory on the
     CPU (scanned stages, where each saved tensor is one more stack written per block).
     """
-    return _light_sum_with_value(out, shortcut, value_kernel, heads, lam, refresh)[0]
+    return _light_sum(out, shortcut, value_kernel, heads, lam, refresh)
 
 
 def _light_sum_forward(out, shortcut, value_kernel, heads, lam, refresh):
-    z, value = _light_sum_with_value(out, shortcut, value_kernel, heads, lam, refresh)
-    return z, (out, shortcut, value, value_kernel, heads, lam, refresh)
+    return _light_sum(out, shortcut, value_kernel, heads, lam, refresh), (
+        out,
+        shortcut,
+        value_kernel,
+        heads,
+        lam,
+        refresh,
+    )
 
 
 def _light_sum_backward(residuals, dz):
     """Both input gradients are convs of dz itself, scaled after (a depthwise conv commutes with
     per-image, per-channel factors), so dz is padded once and dz·heads is never written out."""
-    out, shortcut, value, value_kernel, heads, lam, refresh = residuals
-    dz32 = dz.astype(jnp.promote_types(dz.dtype, jnp.float32))
-    d_heads = jnp.sum(value.astype(dz32.dtype) * dz32, axis=(1, 2))
+    out, shortcut, value_kernel, heads, lam, refresh = residuals
+    accumulate = jnp.promote_types(dz.dtype, jnp.float32)
     d_value_kernel = depthwise_kernel_gradient(out, dz, heads)[:, :, None, :]
-    shortcut_dz = jnp.sum(shortcut.astype(dz32.dtype) * dz32, axis=(1, 2))
+    shortcut_dz = jnp.sum(shortcut.astype(accumulate) * dz.astype(accumulate), axis=(1, 2))
     lam_per_channel = lam.astype(dz.dtype)
     kernels = (value_kernel,) if refresh is None else (value_kernel, refresh[1])
     value_conv, *excite_convs = plain_depthwise_convs3x3(dz, tuple(kernel[::-1, ::-1] for kernel in kernels))
+    d_heads = jnp.sum(out.astype(accumulate) * value_conv.astype(accumulate), axis=(1, 2))
     if refresh is None:
         d_shortcut, d_lam, d_refresh = dz * lam_per_channel, jnp.sum(shortcut_dz, axis=0), None
     else:
