@@ -34,11 +34,17 @@ print(sum(faults[1:]))
 """
 
 
-def faults_of_reallocation(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS}
-    run = subprocess.run([sys.executable, "-c", FAULTS_OF_REALLOCATION, mode], env=env, capture_output=True, text=True)
+def output_of_fresh_process(code: str, *args: str, drop: tuple[str, ...] = (), **env_changes: str) -> str:
+    """stdout of `python -c code args`, without the user's malloc settings (and `drop`)."""
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS + drop}
+    env.update(env_changes)
+    run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    return int(run.stdout)
+    return run.stdout.strip()
+
+
+def faults_of_reallocation(mode: str) -> int:
+    return int(output_of_fresh_process(FAULTS_OF_REALLOCATION, mode))
 
 
 @pytest.mark.skipif(not host_memory.GLIBC, reason="tunes glibc's malloc only")
@@ -55,12 +61,8 @@ def test_user_malloc_settings_are_left_alone(monkeypatch):
 
 
 def tunable_in_a_fresh_process(env_changes: dict[str, str]) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in host_memory.USER_SETTINGS + ("JAX_PLATFORMS",)}
-    env.update(env_changes)
     code = "from dla_jax import host_memory; print(host_memory.tunable(), host_memory.accelerator_plugins())"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    return run.stdout.strip()
+    return output_of_fresh_process(code, drop=("JAX_PLATFORMS",), **env_changes)
 
 
 @pytest.mark.skipif(not host_memory.GLIBC, reason="tunes glibc's malloc only")

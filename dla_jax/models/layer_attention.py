@@ -127,15 +127,8 @@ def light_sum(
     return _light_sum(out, shortcut, value_kernel, heads, lam, refresh)
 
 
-def _light_sum_forward(out, shortcut, value_kernel, heads, lam, refresh):
-    return _light_sum(out, shortcut, value_kernel, heads, lam, refresh), (
-        out,
-        shortcut,
-        value_kernel,
-        heads,
-        lam,
-        refresh,
-    )
+def _light_sum_forward(*inputs):
+    return _light_sum(*inputs), inputs
 
 
 def _light_sum_backward(residuals, dz):
