@@ -26,6 +26,7 @@ from dla_jax.models.layers import (
     batch_norm,
     conv2d,
     depthwise_conv3x3,
+    relu_from_output,
 )
 
 from parity_fixtures import CIFAR, DATA, load, nhwc
@@ -332,6 +333,13 @@ def test_batch_norm_and_its_gradients_equal_autodiff_of_the_formula():
     scale, bias = (jax.random.normal(jax.random.key(seed), (7,)) for seed in (1, 2))
     ours = flat(lambda x, scale, bias: batch_norm(x, scale, bias, 1e-5))
     assert_values_and_gradients_close(ours, flat(formula), x, scale, bias, gradient_atol=1e-4)
+
+
+def test_relu_from_output_and_its_gradient_equal_jax_relu():
+    """The ReLU that masks its gradient by its output equals jax.nn.relu, zero gradient at 0 included."""
+    x = jnp.concatenate([jax.random.normal(jax.random.key(0), (4, 5, 6)).ravel(), jnp.zeros(7), jnp.array([-0.0])])
+    assert_values_and_gradients_close(relu_from_output, jax.nn.relu, x)
+    assert (jax.grad(lambda x: jnp.sum(relu_from_output(x)))(x)[-8:] == 0).all()
 
 
 def test_channel_conv1d_and_its_gradients_equal_shifted_adds():

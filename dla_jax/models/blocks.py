@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dla_jax.models.layers import BatchNorm, conv
+from dla_jax.models.layers import BatchNorm, conv, relu_from_output
 
 EXPANSION = 4
 
@@ -18,22 +18,26 @@ class Bottleneck(nn.Module):
 
     Returns the block output and its shortcut tensor (the input, or its projection):
     the layer-attention families reuse the shortcut as the previous layer's output.
-    `zero_init_last_bn` starts bn3 at γ = 0 (the official ImageNet init).
+    `zero_init_last_bn` starts bn3 at γ = 0 (the official ImageNet init). `output_kept`
+    says the caller keeps the block output for its own backward pass (the layer-attention
+    branch reads it), so the final ReLU takes its gradient mask from that output; the
+    plain ResNet keeps the final ReLU's own mask (a quarter of the output's bytes).
     """
 
     planes: int
     stride: int
     project: bool
     zero_init_last_bn: bool = False
+    output_kept: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         width = self.planes * EXPANSION
         out = conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
+        out = relu_from_output(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
         out = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv2")(out)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, train))
+        out = relu_from_output(BatchNorm(dtype=self.dtype, name="bn2")(out, train))
         out = conv(width, 1, dtype=self.dtype, name="conv3")(out)
         last_scale = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         out = BatchNorm(scale_init=last_scale, dtype=self.dtype, name="bn3")(out, train)
@@ -41,4 +45,5 @@ class Bottleneck(nn.Module):
         if self.project:
             shortcut = conv(width, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
             shortcut = BatchNorm(dtype=self.dtype, name="downsample_bn")(shortcut, train)
-        return nn.relu(out + shortcut), shortcut
+        final_relu = relu_from_output if self.output_kept else nn.relu
+        return final_relu(out + shortcut), shortcut

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dla_jax.models.layers import Dense, at_least_float32
+from dla_jax.models.layers import Dense, at_least_float32, relu_from_output
 
 Context = tuple[jax.Array, jax.Array]
 
@@ -24,7 +24,7 @@ class _MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(Dense(self.channels // self.reduction, name="reduce")(x))
+        x = relu_from_output(Dense(self.channels // self.reduction, name="reduce")(x))
         return Dense(3 * self.channels, name="expand")(x)
 
 

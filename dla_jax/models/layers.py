@@ -149,6 +149,29 @@ class Dense(nn.Module):
         )(x)
 
 
+@jax.custom_vjp
+def relu_from_output(x: jax.Array) -> jax.Array:
+    """ReLU whose gradient is masked by its output (y > 0, i.e. x > 0) instead of a saved mask of x.
+
+    For a ReLU whose output is kept for the backward pass anyway (the input of a conv or
+    dense layer, a block output the layer attention reads), the mask is one tensor less
+    to save: in the stage's scan, one stack less to zero-fill, write and read back per block.
+    """
+    return jnp.maximum(x, 0)
+
+
+def _relu_from_output_forward(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def _relu_from_output_backward(y, dy):
+    return (jnp.where(y > 0, dy, jnp.zeros_like(dy)),)
+
+
+relu_from_output.defvjp(_relu_from_output_forward, _relu_from_output_backward)
+
+
 def _pad(x: jax.Array) -> jax.Array:
     """Zero-pad H and W by 1 behind a barrier, so XLA keeps one padded tensor and slices it.
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dla_jax.models.layers import BatchNorm, Dense, conv, global_avg_pool
+from dla_jax.models.layers import BatchNorm, Dense, conv, global_avg_pool, relu_from_output
 from dla_jax.models.stages import Stage
 
 IMAGENET_STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -61,10 +61,10 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         if self.layout == "cifar":
             x = conv(16, 3, dtype=self.dtype, name="stem_conv")(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
+            x = relu_from_output(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
         else:
             x = conv(64, 7, 2, dtype=self.dtype, name="stem_conv")(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
+            x = relu_from_output(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = []
         for index, (blocks, planes, stride) in enumerate(

@@ -63,7 +63,13 @@ class Unit(nn.Module):
     @nn.compact
     def __call__(self, carry: dict, shared: dict) -> tuple[dict, None]:
         out, shortcut = Bottleneck(
-            self.planes, self.stride, self.project, self.zero_init_last_bn, self.dtype, name="bottleneck"
+            self.planes,
+            self.stride,
+            self.project,
+            self.zero_init_last_bn,
+            output_kept=self.family != "resnet",
+            dtype=self.dtype,
+            name="bottleneck",
         )(carry["x"], self.train)
         if self.family == "resnet":
             return {"x": out}, None
