@@ -21,7 +21,8 @@ class Bottleneck(nn.Module):
     `zero_init_last_bn` starts bn3 at γ = 0 (the official ImageNet init). `output_kept`
     says the caller keeps the block output for its own backward pass (the layer-attention
     branch reads it), so the final ReLU takes its gradient mask from that output; the
-    plain ResNet keeps the final ReLU's own mask (a quarter of the output's bytes).
+    plain ResNet keeps the final ReLU's own mask (one byte per element), as nothing else
+    in the block keeps its output.
     """
 
     planes: int
