@@ -73,7 +73,11 @@ def test_missing_field_is_reported():
         ("--config.model.depth=21", "config.model.depth=21"),
         ("--config.model.family=dla_x", "config.model.family='dla_x'"),
         ("--config.train.batch_size=60", "config.train.batch_size=60 must be divisible"),
-        ("--config.train.no_such_field=1", "no_such_field"),
+        ("--config.train.no_such_field=1", "unknown config field 'no_such_field' in --config.train.no_such_field=1"),
+        (
+            "--config.model.famly=dla_l",
+            "unknown config field 'famly' in --config.model.famly=dla_l; Did you mean \"family\"",
+        ),
     ],
 )
 def test_cli_stops_before_compiling(tmp_path, override, expected):
