@@ -13,7 +13,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from dla_jax.export_format import save_export
-from dla_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
+from dla_jax.train.checkpoint import CheckpointError, Checkpoints
 from dla_jax.train.loop import build_run, with_shardings
 
 flags.DEFINE_string("workdir", None, "Training work directory (the one given to dla_jax.main).")
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)
     try:
         step = export_run(FLAGS.workdir, FLAGS.out)
-    except (FileNotFoundError, CheckpointMismatchError) as err:
+    except (FileNotFoundError, CheckpointError) as err:
         print(f"dla_jax.export: {err}", file=sys.stderr)
         return 1
     print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}")

@@ -1,14 +1,15 @@
 """The export format: a model for inference only (weights, BN statistics, how to rebuild it).
 
-It imports only orbax, numpy and json so that any floor (training, conversion of official
-checkpoints) can write it. An export is a directory:
+It imports only orbax, numpy, json and `dla_jax.integrity`, so that any floor (training,
+conversion of official checkpoints) can write it. An export is a directory:
 
 * ``variables/``: an orbax StandardCheckpointer tree ``{"params", "batch_stats"}``;
-* ``export.json``: ``{"format", "version", "model_config", "data_info"}`` where
+* ``export.json``: ``{"format", "version", "model_config", "data_info", "fingerprints"}`` where
   ``model_config`` holds the ``create_model`` arguments (family, layout, depth,
   num_classes, dsu_context, dtype, scan_blocks) and ``data_info`` holds num_classes,
   image_shape [H, W, C], class_names (list or null) and data_config (at least image_size,
-  augment, mean, std: what evaluation preprocessing needs).
+  augment, mean, std: what evaluation preprocessing needs). ``fingerprints`` (of the
+  variables, `dla_jax.integrity`) is checked on loading when present.
 """
 
 import json
@@ -20,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dla_jax.integrity import UnreadableError, describe_changes, fingerprints, restore_or_explain
+
 FORMAT_NAME = "dla_jax.export"
 FORMAT_VERSION = 1
 MODEL_CONFIG_KEYS = ("family", "layout", "depth", "num_classes", "dsu_context", "dtype", "scan_blocks")
@@ -28,7 +31,7 @@ DATA_CONFIG_KEYS = ("image_size", "augment", "mean", "std")
 
 
 class ExportFormatError(ValueError):
-    """A directory that is not a complete export, or an export record missing a field."""
+    """A directory that is not a complete export, an export record missing a field, or damaged variables."""
 
 
 def _require(record: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
@@ -52,7 +55,13 @@ def save_export(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "variables", arrays, force=True)
     checkpointer.wait_until_finished()
-    record = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_config": model_config, "data_info": data_info}
+    record = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model_config": model_config,
+        "data_info": data_info,
+        "fingerprints": fingerprints(arrays),
+    }
     temporary = path / "export.json.tmp"
     temporary.write_text(json.dumps(record, indent=2))
     temporary.replace(path / "export.json")
@@ -79,5 +88,12 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
         lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
         checkpointer.metadata(path / "variables").item_metadata.tree,
     )
-    variables = checkpointer.restore(path / "variables", target)
+    again = "export it again (`python -m dla_jax.export` or `python -m dla_jax.convert`)"
+    try:
+        variables = restore_or_explain(lambda: checkpointer.restore(path / "variables", target))
+    except UnreadableError as err:
+        raise ExportFormatError(f"{path / 'variables'} cannot be read ({err}); {again}") from err
+    changes = describe_changes(variables, record["fingerprints"]) if "fingerprints" in record else None
+    if changes:
+        raise ExportFormatError(f"{path / 'variables'} is corrupt: {changes}; {again}")
     return variables, record["model_config"], record["data_info"]

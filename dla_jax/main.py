@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from dla_jax import host_memory, parallel
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.train import loop
-from dla_jax.train.checkpoint import CheckpointMismatchError
+from dla_jax.train.checkpoint import CheckpointError
 from dla_jax.train.validation import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py:dla_l,110.")
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"dla_jax.main: bad config: {err}", file=sys.stderr)
         return 2
-    except (DatasetNotFoundError, CheckpointMismatchError) as err:
+    except (DatasetNotFoundError, CheckpointError) as err:
         print(f"dla_jax.main: {err}", file=sys.stderr)
         return 1
     return 0

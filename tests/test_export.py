@@ -11,10 +11,17 @@ from PIL import Image
 from dla_jax import inference, models
 from dla_jax.data import open_source
 from dla_jax.export import export_run
-from dla_jax.export_format import ExportFormatError
+from dla_jax.export_format import ExportFormatError, load_export
 from dla_jax.train import loop
 
-from train_helpers import cpu_env, enable_compilation_cache, tiny_digits_config
+from train_helpers import (
+    cpu_env,
+    delete_array_files,
+    enable_compilation_cache,
+    overwrite_arrays,
+    tiny_digits_config,
+    with_first_weight_changed,
+)
 
 enable_compilation_cache()
 
@@ -54,3 +61,25 @@ def test_export_load_predict_round_trip(tmp_path):
 def test_loading_a_non_export_is_a_clear_error(tmp_path):
     with pytest.raises(ExportFormatError, match="is not a dla_jax export"):
         inference.load(tmp_path)
+
+
+def test_damaged_export_is_refused(tmp_path):
+    """Changed values or unreadable files: a one-line error that says to export again, no traceback."""
+    loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path / "run")
+    export = tmp_path / "export"
+    export_run(tmp_path / "run", export)
+    variables, _, _ = load_export(export)
+    overwrite_arrays(export / "variables", with_first_weight_changed(variables))
+    with pytest.raises(ExportFormatError, match=r"is corrupt: 1 array\(s\) differ .*export it again"):
+        inference.load(export)
+    delete_array_files(export / "variables")
+    result = subprocess.run(
+        [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={export}", str(tmp_path / "any.png")],
+        capture_output=True,
+        text=True,
+        env=cpu_env(1),
+        timeout=120,
+    )
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"dla_jax.predict: {export / 'variables'} cannot be read (") and "export it again" in line

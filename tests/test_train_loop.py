@@ -1,5 +1,6 @@
 """End-to-end training runs: digits and mock CIFAR, exact resume, preemption, 1 vs 8 devices."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,15 +12,18 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dla_jax.train import loop
-from dla_jax.train.checkpoint import CheckpointMismatchError
+from dla_jax.train.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 
 from train_helpers import (
     cpu_env,
+    delete_array_files,
     enable_compilation_cache,
     load_config,
+    overwrite_arrays,
     read_metrics,
     tiny_digits_cli,
     tiny_digits_config,
+    with_first_weight_changed,
 )
 
 enable_compilation_cache()
@@ -85,6 +89,24 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path)
     with pytest.raises(CheckpointMismatchError, match="family=dla_l.*family=resnet"):
         loop.train_and_evaluate(tiny_digits_config(train__num_steps=2, model__family="resnet"), tmp_path)
+
+
+def test_damaged_checkpoint_is_refused_with_the_step_to_resume_from(tmp_path):
+    """Changed values or unreadable files stop the run, naming the checkpoint to delete and the step
+    the run then resumes from, instead of resuming from wrong values."""
+    loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path)
+    state = loop.train_and_evaluate(tiny_digits_config(train__num_steps=2), tmp_path)
+    latest = tmp_path / "checkpoints" / "2"
+    overwrite_arrays(latest / "state", state.replace(params=with_first_weight_changed(state.params)))
+    remedy = f"delete {latest} to resume from step 1"
+    with pytest.raises(CheckpointCorruptError, match=r"step 2 .* is corrupt: 1 array\(s\) differ .*\(params/"):
+        loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path)
+    delete_array_files(latest / "state")
+    with pytest.raises(CheckpointCorruptError, match="its files cannot be read") as refused:
+        loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path)
+    assert str(refused.value).endswith(remedy)
+    shutil.rmtree(latest)
+    assert int(loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path).step) == 3
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -101,3 +102,21 @@ def run_launcher(argv: list[str], *, timeout: float, **kwargs) -> subprocess.Com
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def with_first_weight_changed(tree):
+    leaves, treedef = jax.tree.flatten(jax.device_get(tree))
+    leaves[0] = leaves[0] + 1.0
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def overwrite_arrays(directory, arrays) -> None:
+    """Rewrites an orbax item in place: values that decode fine but are not the ones saved."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory, arrays, force=True)
+    checkpointer.wait_until_finished()
+
+
+def delete_array_files(directory) -> None:
+    for chunk in directory.glob("ocdbt.process_*/d/*"):
+        chunk.unlink()

@@ -1,10 +1,13 @@
 """Periodic, atomic, keep-last-K checkpoints of the TrainState with orbax's CheckpointManager.
 
 Each checkpoint holds the TrainState and a JSON record of the run (config, dataset facts,
-parameter shapes); restoring checks that record so that a checkpoint of another model
-fails loudly instead of restoring part of the weights.
+parameter shapes) with the state's fingerprints; restoring checks that record, so that a
+checkpoint of another model fails loudly instead of restoring part of the weights, and
+a checkpoint whose files were damaged after they were written fails instead of resuming
+from wrong values.
 """
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,11 +16,20 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from dla_jax.integrity import UnreadableError, describe_changes, fingerprints, restore_or_explain
 from dla_jax.train.state import TrainState
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+    """The latest checkpoint in the work directory cannot be resumed from."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """The checkpoint in the work directory was written for another model or shape."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The checkpoint's files cannot be read, or its values are not those it was saved with."""
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
@@ -70,13 +82,15 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, state: TrainState, metadata: dict[str, Any]) -> None:
-        """Saves asynchronously (atomic: a step directory appears only once complete)."""
+        """Saves asynchronously (atomic: a step directory appears only once complete), with `metadata`
+        and the state's fingerprints."""
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return
+        record = dict(metadata, fingerprints=fingerprints(state))
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(record)),
             force=True,
         )
 
@@ -86,19 +100,41 @@ class Checkpoints:
     def restore_latest(self, abstract_state: TrainState, expected_metadata: dict[str, Any]) -> TrainState | None:
         """The latest state, placed per `abstract_state`'s shardings; None if there is none.
 
-        Raises CheckpointMismatchError when the checkpoint was made for another model.
+        Raises CheckpointMismatchError when the checkpoint was made for another model, and
+        CheckpointCorruptError when its files cannot be read or its values differ from the
+        fingerprints saved with them.
         """
         step = self.latest_step()
         if step is None:
             return None
-        problem = _describe_mismatch(self.read_metadata(step), expected_metadata)
+        metadata = self.read_metadata(step)
+        problem = _describe_mismatch(metadata, expected_metadata)
         if problem:
             raise CheckpointMismatchError(
                 f"cannot resume from checkpoint step {step} in {self.directory}: {problem}; "
                 "use a new --workdir or the matching config"
             )
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+        restore = functools.partial(
+            self._manager.restore, step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        try:
+            restored = restore_or_explain(restore)["state"]
+        except UnreadableError as err:
+            raise self._corrupt(step, f"its files cannot be read ({err})") from err
+        saved = metadata.get("fingerprints")  # absent in checkpoints from before fingerprints
+        changes = None if saved is None else describe_changes(restored, saved)
+        if changes:
+            raise self._corrupt(step, changes)
+        return restored
+
+    def _corrupt(self, step: int, problem: str) -> CheckpointCorruptError:
+        earlier = [s for s in self._manager.all_steps() if s < step]
+        remedy = (
+            f"delete {self.directory / str(step)} to resume from step {max(earlier)}"
+            if earlier
+            else f"delete {self.directory / str(step)} to start again from step 0, or use a new --workdir"
+        )
+        return CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupt: {problem}; {remedy}")
 
     def close(self) -> None:
         """Waits for pending saves to land on disk."""

@@ -111,8 +111,9 @@ def evaluate(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-    Raises ConfigError (bad config), data.DatasetNotFoundError (missing data) and
-    CheckpointMismatchError (workdir holds another model) before anything is compiled.
+    Raises ConfigError (bad config), data.DatasetNotFoundError (missing data),
+    CheckpointMismatchError (workdir holds another model) and CheckpointCorruptError (its latest
+    checkpoint is damaged) before any train step is compiled.
     """
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     is_main = parallel.is_main_process()
