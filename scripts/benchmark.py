@@ -36,9 +36,9 @@ import ml_collections
 import numpy as np
 
 from dla_jax import host_memory, models, parallel
-from dla_jax.train import optim
+from dla_jax.train import loop, optim
 from dla_jax.train.state import create_train_state
-from dla_jax.train.step import eval_step, train_step
+from dla_jax.train.step import train_step
 
 # Multiply-accumulates of one 224x224 forward pass (conv/linear/matmul), from the spec.
 SPEC_MACS = {
@@ -141,17 +141,14 @@ class Case:
                 out_shardings=(state_shardings, replicated),
                 donate_argnums=0,
             ),
-            "eval": jax.jit(
-                functools.partial(eval_step, model=model),
-                in_shardings=(state_shardings, batch_sharding),
-                out_shardings=replicated,
-            ),
+            "eval": loop.eval_function(model, mesh, state_shardings.variables()),
         }
         self.compiled: dict[str, Any] = {}
         self.result: dict[str, Any] = dict(setting, scan=scan, remat_attention=remat)
         for mode in modes:
             start = time.perf_counter()
-            compiled = step_fns[mode].lower(self.state, self.batch).compile()
+            weights = self.state if mode == "train" else self.state.variables()
+            compiled = step_fns[mode].lower(weights, self.batch).compile()
             self.result[f"{mode}_compile_s"] = time.perf_counter() - start
             self.compiled[mode] = compiled
             cost = _cost(compiled)
@@ -169,7 +166,7 @@ class Case:
         if mode == "train":
             self.state, metrics = self.compiled["train"](self.state, self.batch)
         else:
-            metrics = self.compiled["eval"](self.state, self.batch)
+            metrics = self.compiled["eval"](self.state.variables(), self.batch)
         jax.block_until_ready(metrics)
         if mode == "train":
             jax.block_until_ready(self.state)

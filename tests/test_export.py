@@ -1,5 +1,6 @@
-"""Export a trained run, load it for inference, and predict image files from the command line."""
+"""Export a trained run, load it for inference, evaluate it, and predict image files from the command line."""
 
+import json
 import subprocess
 import sys
 
@@ -10,15 +11,19 @@ from PIL import Image
 
 from dla_jax import inference, models
 from dla_jax.data import open_source
+from dla_jax.evaluate import evaluate_export
 from dla_jax.export import export_run
 from dla_jax.export_format import ExportFormatError, load_export
 from dla_jax.train import loop
+from dla_jax.train.validation import ConfigError
 
 from train_helpers import (
     cpu_env,
     delete_array_files,
     enable_compilation_cache,
     overwrite_arrays,
+    read_metrics,
+    tiny_digits_cli,
     tiny_digits_config,
     with_first_weight_changed,
 )
@@ -83,3 +88,24 @@ def test_damaged_export_is_refused(tmp_path):
     assert result.returncode != 0
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"dla_jax.predict: {export / 'variables'} cannot be read (") and "export it again" in line
+
+
+def test_evaluating_an_export_gives_the_runs_own_evaluation(tmp_path):
+    """What users run on a converted official checkpoint: the eval split's top-1, top-5 and loss."""
+    config = tiny_digits_config(train__num_steps=2)
+    loop.train_and_evaluate(config, tmp_path / "run")
+    export = tmp_path / "export"
+    export_run(tmp_path / "run", export)
+    (logged,) = [r for r in read_metrics(tmp_path / "run") if "eval_top1" in r]
+    metrics = evaluate_export(export, config)
+    assert metrics == {key: logged[key] for key in metrics}
+    assert set(metrics) == {"eval_top1", "eval_top5", "eval_loss", "eval_examples"}
+
+    config.data.mean = (0.4, 0.5, 0.5)
+    with pytest.raises(ConfigError, match=r"trained with mean \[0.5, 0.5, 0.5\]; evaluate with --config.data.mean="):
+        evaluate_export(export, config)
+
+    command = [sys.executable, "-m", "dla_jax.evaluate", f"--checkpoint={export}", *tiny_digits_cli(train__num_steps=2)]
+    result = subprocess.run(command, capture_output=True, text=True, env=cpu_env(8), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == metrics

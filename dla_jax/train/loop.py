@@ -80,8 +80,17 @@ class _PreemptionFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def eval_function(model: Any, mesh: jax.sharding.Mesh, variables_shardings: Any) -> Any:
+    """`eval_step` jitted for the mesh: (variables, global batch) -> sums, replicated."""
+    return jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(variables_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
 def evaluate(
-    eval_fn: Any, state: TrainState, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+    eval_fn: Any, variables: dict[str, Any], config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> dict[str, float]:
     """One pass over the eval split; padded examples carry mask False and are not counted."""
     totals = None
@@ -92,7 +101,7 @@ def evaluate(
         process_count=jax.process_count(),
     )
     for local_batch in batches:
-        sums = eval_fn(state, parallel.global_batch(local_batch, mesh))
+        sums = eval_fn(variables, parallel.global_batch(local_batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         # Eval steps do not depend on each other, so without this wait several are in flight
         # at once and their collectives can pair up in different orders: seen in CI as two
@@ -153,11 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(
-        functools.partial(eval_step, model=run.model),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=replicated,
-    )
+    eval_fn = eval_function(run.model, mesh, state_shardings.variables())
 
     # Compile both steps now, then meet the other processes: compiling at the first call lets
     # a fast process reach the first collective long before a slow one (gloo gives up after 30 s).
@@ -171,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         }
 
     train_fn = train_fn.lower(state, batch_struct(config.train.batch_size, mask=False)).compile()
-    eval_fn = eval_fn.lower(state, batch_struct(config.train.eval_batch_size, mask=True)).compile()
+    eval_fn = eval_fn.lower(state.variables(), batch_struct(config.train.eval_batch_size, mask=True)).compile()
     parallel.wait_for_all_processes("dla_jax_steps_compiled")
 
     writer = MetricsWriter(workdir, start_step=start_step, enabled=is_main)
@@ -204,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 writer.write(step, scalars)
                 progress.update(step, scalars)
             if last or optim.ends_period(step, config.train.eval_every_epochs, run.steps_per_epoch):
-                eval_scalars = evaluate(eval_fn, state, config, mesh)
+                eval_scalars = evaluate(eval_fn, state.variables(), config, mesh)
                 writer.write(step, eval_scalars)
                 progress.message(
                     f"step {step}: eval top-1 {eval_scalars['eval_top1']:.4f}, top-5 "

@@ -1,5 +1,7 @@
 """Pure train and eval steps; the loop jits them once with explicit shardings."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,9 +53,12 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-    """Sums over the real (unmasked) examples: loss, top-1 and top-5 hits, count."""
-    logits = model.apply(state.variables(), batch["image"], train=False).astype(jnp.float32)
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+    """Sums over the real (unmasked) examples: loss, top-1 and top-5 hits, count.
+
+    Takes the model variables (`TrainState.variables()`, or an export's), not the whole state.
+    """
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
     labels = batch["label"]
     weight = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, labels, 0.0)

@@ -1,0 +1,32 @@
+"""Command-line parsing shared by the entry points that take a `--config` file with overrides."""
+
+import sys
+
+from absl import flags
+
+
+def _unknown_field(err: BaseException) -> tuple[str, str]:
+    """(field, hint) from ml_collections' error for an unknown override: a KeyError, maybe inside an
+    AttributeError, whose message is the quoted field and maybe a line 'Did you mean "x" ...?'."""
+    while err.args and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    field, _, hint = str(err.args[0] if err.args else err).partition("\n")
+    return field.strip("\"'"), hint.strip()
+
+
+def parse_flags(argv: list[str], *, program: str) -> list[str]:
+    """absl's parsing, with ml_collections' errors for unknown or ill-typed overrides made one line
+    (then exit 2): `app.run(main, flags_parser=functools.partial(parse_flags, program=...))`."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = str(err)
+    except (AttributeError, KeyError) as err:
+        key, hint = _unknown_field(err)
+        given = [arg for arg in argv[1:] if arg.startswith("--config.") and key in arg]
+        advice = hint or "see the config file for the fields"
+        message = f"unknown config field {key!r} in {' '.join(given) or 'the overrides'}; {advice}"
+    except (TypeError, ValueError) as err:
+        message = str(err)
+    print(f"{program}: bad flag: {message}", file=sys.stderr)
+    sys.exit(2)
