@@ -1,8 +1,11 @@
-"""Command-line parsing shared by the entry points that take a `--config` file with overrides."""
+"""What the entry points that take a `--config` file share: parsing it, reporting failures in one line."""
 
 import sys
+from collections.abc import Callable
 
 from absl import flags
+
+from dla_jax.train.validation import ConfigError
 
 
 def _unknown_field(err: BaseException) -> tuple[str, str]:
@@ -30,3 +33,17 @@ def parse_flags(argv: list[str], *, program: str) -> list[str]:
         message = str(err)
     print(f"{program}: bad flag: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_reporting(program: str, work: Callable[[], object], failures: tuple[type[Exception], ...]) -> int:
+    """Runs `work`: 0, or after one line on stderr, 2 for a ConfigError ("bad config") and 1 for one
+    of `failures` (missing data, a refused checkpoint or export)."""
+    try:
+        work()
+    except ConfigError as err:
+        print(f"{program}: bad config: {err}", file=sys.stderr)
+        return 2
+    except failures as err:
+        print(f"{program}: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -10,7 +10,6 @@ it was trained on.
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dla_jax import data, host_memory, models, parallel
-from dla_jax.cli import parse_flags
+from dla_jax.cli import parse_flags, run_reporting
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.export_format import DATA_CONFIG_KEYS, ExportFormatError, load_export
 from dla_jax.train import loop
@@ -67,16 +66,11 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     host_memory.keep_freed_memory()
-    try:
-        metrics = evaluate_export(FLAGS.checkpoint, FLAGS.config)
-    except ConfigError as err:
-        print(f"dla_jax.evaluate: bad config: {err}", file=sys.stderr)
-        return 2
-    except (DatasetNotFoundError, ExportFormatError) as err:
-        print(f"dla_jax.evaluate: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics))
-    return 0
+
+    def evaluate_and_print() -> None:
+        print(json.dumps(evaluate_export(FLAGS.checkpoint, FLAGS.config)))
+
+    return run_reporting("dla_jax.evaluate", evaluate_and_print, (DatasetNotFoundError, ExportFormatError))
 
 
 if __name__ == "__main__":

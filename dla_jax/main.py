@@ -6,17 +6,15 @@ every process --coordinator_address, --num_processes and --process_id.
 """
 
 import functools
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dla_jax import host_memory, parallel
-from dla_jax.cli import parse_flags
+from dla_jax.cli import parse_flags, run_reporting
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.train import loop
 from dla_jax.train.checkpoint import CheckpointError
-from dla_jax.train.validation import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py:dla_l,110.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
@@ -33,15 +31,8 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)
     host_memory.keep_freed_memory()
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    try:
-        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ConfigError as err:
-        print(f"dla_jax.main: bad config: {err}", file=sys.stderr)
-        return 2
-    except (DatasetNotFoundError, CheckpointError) as err:
-        print(f"dla_jax.main: {err}", file=sys.stderr)
-        return 1
-    return 0
+    train = functools.partial(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    return run_reporting("dla_jax.main", train, (DatasetNotFoundError, CheckpointError))
 
 
 if __name__ == "__main__":
