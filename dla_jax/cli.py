@@ -1,11 +1,26 @@
-"""What the entry points that take a `--config` file share: parsing it, reporting failures in one line."""
+"""What the entry points that take a `--config` file share: parsing it, joining the other
+processes of a multi-host run, reporting failures in one line."""
 
 import sys
 from collections.abc import Callable
 
 from absl import flags
 
+from dla_jax import parallel
 from dla_jax.train.validation import ConfigError
+
+
+def define_process_flags() -> None:
+    """--coordinator_address, --num_processes and --process_id, for `join_processes`."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
+
+
+def join_processes() -> None:
+    """Starts jax.distributed from the process flags, or from a cluster JAX recognises, or not at all."""
+    values = flags.FLAGS
+    parallel.initialize_distributed(values.coordinator_address, values.num_processes, values.process_id)
 
 
 def _unknown_field(err: BaseException) -> tuple[str, str]:

@@ -5,7 +5,9 @@ the eval split of the config's dataset and prints one JSON line: eval_top1, eval
 eval_loss and eval_examples, as training logs them. The config gives the data, the eval
 batch size and the mesh; its model and training fields are not used. Its preprocessing
 must be the export's, so that a converted official checkpoint is measured on the inputs
-it was trained on.
+it was trained on. Across several hosts, as `dla_jax.main`: every process runs the same
+command (with --coordinator_address, --num_processes and --process_id where JAX does not
+recognise the cluster), and process 0 prints the line.
 """
 
 import functools
@@ -18,8 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dla_jax import data, host_memory, models, parallel
-from dla_jax.cli import parse_flags, run_reporting
+from dla_jax import cli, data, host_memory, models, parallel
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.export_format import DATA_CONFIG_KEYS, ExportFormatError, load_export
 from dla_jax.train import loop
@@ -27,6 +28,7 @@ from dla_jax.train.validation import ConfigError, validate_config
 
 flags.DEFINE_string("checkpoint", None, "Export directory.")
 config_flags.DEFINE_config_file("config", None, "Config file whose dataset to evaluate on, e.g. configs/cifar100.py.")
+cli.define_process_flags()
 flags.mark_flags_as_required(["checkpoint", "config"])
 FLAGS = flags.FLAGS
 
@@ -58,7 +60,8 @@ def evaluate_export(path: str | Path, config: ml_collections.ConfigDict) -> dict
     mesh = parallel.create_mesh(config.mesh)
     replicated = parallel.replicated(mesh)
     eval_fn = loop.eval_function(model, mesh, replicated)
-    return loop.evaluate(eval_fn, jax.device_put(variables, replicated), config, mesh)
+    # From host memory: every process holds the same export, and places its share of the copies.
+    return loop.evaluate(eval_fn, jax.device_put(jax.device_get(variables), replicated), config, mesh)
 
 
 def main(argv: list[str]) -> int:
@@ -66,12 +69,15 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     host_memory.keep_freed_memory()
+    cli.join_processes()
 
     def evaluate_and_print() -> None:
-        print(json.dumps(evaluate_export(FLAGS.checkpoint, FLAGS.config)))
+        metrics = evaluate_export(FLAGS.checkpoint, FLAGS.config)
+        if parallel.is_main_process():
+            print(json.dumps(metrics))
 
-    return run_reporting("dla_jax.evaluate", evaluate_and_print, (DatasetNotFoundError, ExportFormatError))
+    return cli.run_reporting("dla_jax.evaluate", evaluate_and_print, (DatasetNotFoundError, ExportFormatError))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=functools.partial(parse_flags, program="dla_jax.evaluate"))
+    app.run(main, flags_parser=functools.partial(cli.parse_flags, program="dla_jax.evaluate"))

@@ -10,17 +10,14 @@ import functools
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dla_jax import host_memory, parallel
-from dla_jax.cli import parse_flags, run_reporting
+from dla_jax import cli, host_memory
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.train import loop
 from dla_jax.train.checkpoint import CheckpointError
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py:dla_l,110.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
+cli.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -30,10 +27,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     host_memory.keep_freed_memory()
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.join_processes()
     train = functools.partial(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
-    return run_reporting("dla_jax.main", train, (DatasetNotFoundError, CheckpointError))
+    return cli.run_reporting("dla_jax.main", train, (DatasetNotFoundError, CheckpointError))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=functools.partial(parse_flags, program="dla_jax.main"))
+    app.run(main, flags_parser=functools.partial(cli.parse_flags, program="dla_jax.main"))

@@ -4,6 +4,7 @@ Every run here is the tiny digits run of train_helpers (DLA-L-11 on 8x8 digits, 
 32, 4 steps); the reference trains it in this process on 8 simulated devices, replicated.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from dla_jax import parallel
+from dla_jax.export import export_run
 from dla_jax.train import loop
 
 from train_helpers import (
@@ -105,6 +107,25 @@ def test_two_processes_match_one_process(reference, tmp_path):
     restored = loop.train_and_evaluate(tiny_digits_config(), workdir)
     assert int(restored.step) == 4
     assert_states_close(restored, reference_state)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_an_export_like_one_process(reference, tmp_path):
+    """`dla_jax.evaluate` under the local launcher (2 processes x 4 devices): each process reads
+    its share of the eval split, and process 0 prints what the one-process run logged."""
+    _, reference_dir = reference
+    export = tmp_path / "export"
+    export_run(reference_dir, export)
+    command = [sys.executable, "-m", "dla_jax.evaluate", f"--checkpoint={export}", *tiny_digits_cli()]
+    result = run_launcher(launch_local(*command, devices_per_process=4), cwd=REPO, env=cpu_env(4), timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    (line,) = [line for line in result.stdout.splitlines() if "eval_top1" in line]
+    prefix, printed = line.split(" ", 1)
+    assert prefix == "[p0]"
+    metrics = json.loads(printed)
+    (logged,) = [r for r in read_metrics(reference_dir) if "eval_top1" in r]
+    assert metrics["eval_examples"] == 360 and metrics["eval_top1"] == logged["eval_top1"]
+    np.testing.assert_allclose(metrics["eval_loss"], logged["eval_loss"], rtol=1e-5)
 
 
 @pytest.mark.slow
