@@ -20,9 +20,20 @@ flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
 
 
-def top_classes(predictor: inference.Predictor, image_paths: list[str], k: int) -> list[list[tuple[str, float]]]:
-    """The k most probable (class name, probability) pairs for each image file."""
-    images = [np.asarray(Image.open(path).convert("RGB")) for path in image_paths]
+def read_images(image_paths: list[str]) -> list[np.ndarray]:
+    """Each file as an RGB uint8 array; OSError naming the first file that is missing or not an image."""
+    images = []
+    for path in image_paths:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except OSError as err:  # missing, unreadable, or not an image PIL knows (UnidentifiedImageError)
+            raise OSError(f"cannot read image {path}: {err.strerror or err}") from err
+    return images
+
+
+def top_classes(predictor: inference.Predictor, images: list[np.ndarray], k: int) -> list[list[tuple[str, float]]]:
+    """The k most probable (class name, probability) pairs for each image (RGB uint8, any size)."""
     batch = np.stack([predictor.preprocess(image) for image in images])
     probabilities = np.asarray(jax.nn.softmax(predictor(batch), axis=-1))
     names = predictor.class_names
@@ -40,11 +51,12 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("give at least one image file")
     logging.set_verbosity(logging.WARNING)
     try:
+        images = read_images(image_paths)
         predictor = inference.load(FLAGS.checkpoint)
-    except ExportFormatError as err:
+    except (OSError, ExportFormatError) as err:
         print(f"dla_jax.predict: {err}", file=sys.stderr)
         return 1
-    for path, classes in zip(image_paths, top_classes(predictor, image_paths, FLAGS.top_k)):
+    for path, classes in zip(image_paths, top_classes(predictor, images, FLAGS.top_k)):
         print(path)
         for name, probability in classes:
             print(f"  {probability:7.2%}  {name}")

@@ -63,6 +63,21 @@ def test_export_load_predict_round_trip(tmp_path):
     assert top_class == str(int(np.argmax(expected[0])))
 
 
+def test_predict_names_an_image_it_cannot_read(tmp_path):
+    """Checked before the export is loaded: a missing file or one that is not an image."""
+    (tmp_path / "notes.png").write_text("not an image")
+    for name, reason in [("notes.png", "cannot identify image file"), ("missing.png", "No such file or directory")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={tmp_path}", str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            env=cpu_env(1),
+            timeout=120,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"dla_jax.predict: cannot read image {tmp_path / name}: {reason}" in result.stderr
+
+
 def test_loading_a_non_export_is_a_clear_error(tmp_path):
     with pytest.raises(ExportFormatError, match="is not a dla_jax export"):
         inference.load(tmp_path)
