@@ -93,8 +93,9 @@ def test_damaged_export_is_refused(tmp_path):
     with pytest.raises(ExportFormatError, match=r"is corrupt: 1 array\(s\) differ .*export it again"):
         inference.load(export)
     delete_array_files(export / "variables")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digit.png")
     result = subprocess.run(
-        [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={export}", str(tmp_path / "any.png")],
+        [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={export}", str(tmp_path / "digit.png")],
         capture_output=True,
         text=True,
         env=cpu_env(1),
