@@ -8,12 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from dla_jax import inference
-from dla_jax.convert import StateDictMismatch, from_torch_state_dict, load_state_dict
+from dla_jax import data, inference
+from dla_jax.convert import StateDictMismatch, convert_checkpoint, from_torch_state_dict, load_state_dict
+from dla_jax.evaluate import evaluate_export
 from dla_jax.models import create_model
 
 from parity_fixtures import CIFAR, DATA, assert_close_to_reference, load, nhwc
+from train_helpers import load_config
 
 
 def _model():
@@ -82,3 +85,28 @@ def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: state dict does not fit dla_l / cifar / depth 20")
     assert "Traceback" not in result.stderr
+
+
+def test_a_converted_checkpoint_evaluates_with_the_cifar_config(tmp_path):
+    """The README's `dla_jax.evaluate --config configs/cifar10.py` on a converted export: the config's
+    preprocessing is the official one, and the metrics are those of the export's own predictions."""
+    export = tmp_path / "export"
+    convert_checkpoint(
+        str(DATA / CIFAR["dla_l"]),
+        str(export),
+        family="dla_l",
+        layout="cifar",
+        depth=20,
+        num_classes=10,
+        dsu_context="per_sample",
+    )
+    config = load_config("cifar10", "dla_l,20")
+    config.data.data_dir = str(tmp_path / "no_data_here")
+    config.train.eval_batch_size = 16
+    with tfds.testing.mock_data(num_examples=24):
+        metrics = evaluate_export(export, config)
+        batches = list(data.eval_batches(config.data, global_batch_size=16, process_index=0, process_count=1))
+    predictor = inference.load(export)
+    hits = [np.argmax(predictor(b["image"]), -1)[b["mask"]] == b["label"][b["mask"]] for b in batches]
+    assert metrics["eval_examples"] == 24
+    assert metrics["eval_top1"] == pytest.approx(np.concatenate(hits).mean())
