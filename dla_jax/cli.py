@@ -4,21 +4,27 @@ processes of a multi-host run, reporting failures in one line."""
 import sys
 from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags, logging
 
-from dla_jax import parallel
+from dla_jax import host_memory, parallel
 from dla_jax.train.validation import ConfigError
 
 
 def define_process_flags() -> None:
-    """--coordinator_address, --num_processes and --process_id, for `join_processes`."""
+    """--coordinator_address, --num_processes and --process_id, read by `start`."""
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
 
 
-def join_processes() -> None:
-    """Starts jax.distributed from the process flags, or from a cluster JAX recognises, or not at all."""
+def start(argv: list[str]) -> None:
+    """What these entry points do before any JAX computation: refuse stray arguments, quieten absl,
+    keep freed memory (on the CPU), and join the other processes (from the process flags, or from a
+    cluster JAX recognises, or not at all)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    host_memory.keep_freed_memory()
     values = flags.FLAGS
     parallel.initialize_distributed(values.coordinator_address, values.num_processes, values.process_id)
 

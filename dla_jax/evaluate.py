@@ -17,10 +17,10 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from dla_jax import cli, data, host_memory, models, parallel
+from dla_jax import cli, data, models, parallel
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.export_format import DATA_CONFIG_KEYS, ExportFormatError, load_export
 from dla_jax.train import loop
@@ -65,11 +65,7 @@ def evaluate_export(path: str | Path, config: ml_collections.ConfigDict) -> dict
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    host_memory.keep_freed_memory()
-    cli.join_processes()
+    cli.start(argv)
 
     def evaluate_and_print() -> None:
         metrics = evaluate_export(FLAGS.checkpoint, FLAGS.config)

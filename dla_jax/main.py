@@ -7,10 +7,10 @@ every process --coordinator_address, --num_processes and --process_id.
 
 import functools
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from dla_jax import cli, host_memory
+from dla_jax import cli
 from dla_jax.data import DatasetNotFoundError
 from dla_jax.train import loop
 from dla_jax.train.checkpoint import CheckpointError
@@ -23,11 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    host_memory.keep_freed_memory()
-    cli.join_processes()
+    cli.start(argv)
     train = functools.partial(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
     return cli.run_reporting("dla_jax.main", train, (DatasetNotFoundError, CheckpointError))
 
