@@ -48,7 +48,9 @@ def _check_inputs(data_config: ml_collections.ConfigDict, export_data_config: di
 def evaluate_export(path: str | Path, config: ml_collections.ConfigDict) -> dict[str, float]:
     """The export's eval metrics on `config`'s eval split, on `config`'s mesh over all devices."""
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
-    variables, model_config, data_info = load_export(path)
+    mesh = parallel.create_mesh(config.mesh)
+    replicated = parallel.replicated(mesh)
+    variables, model_config, data_info = load_export(path, replicated)
     _check_inputs(config.data, data_info["data_config"])
     info = data.get_dataset_info(config.data)
     if info.num_classes != model_config["num_classes"]:
@@ -57,11 +59,7 @@ def evaluate_export(path: str | Path, config: ml_collections.ConfigDict) -> dict
             f"{config.data.name} has {info.num_classes}: pick the config of the dataset it was trained on"
         )
     model = models.from_config(model_config, model_config["num_classes"])
-    mesh = parallel.create_mesh(config.mesh)
-    replicated = parallel.replicated(mesh)
-    eval_fn = loop.eval_function(model, mesh, replicated)
-    # From host memory: every process holds the same export, and places its share of the copies.
-    return loop.evaluate(eval_fn, jax.device_put(jax.device_get(variables), replicated), config, mesh)
+    return loop.evaluate(loop.eval_function(model, mesh, replicated), variables, config, mesh)
 
 
 def main(argv: list[str]) -> int:

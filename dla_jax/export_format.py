@@ -67,8 +67,11 @@ def save_export(
     temporary.replace(path / "export.json")
 
 
-def load_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(variables, model_config, data_info) of the export at `path`, arrays on the first local device."""
+def load_export(
+    path: str | os.PathLike, sharding: jax.sharding.Sharding | None = None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(variables, model_config, data_info) of the export at `path`, the arrays placed per `sharding`
+    (default: on the first local device)."""
     path = Path(path).absolute()
     record_path = path / "export.json"
     if not record_path.is_file() or not (path / "variables").is_dir():
@@ -83,9 +86,9 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
             f"this code reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
     checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding),
         checkpointer.metadata(path / "variables").item_metadata.tree,
     )
     again = "export it again (`python -m dla_jax.export` or `python -m dla_jax.convert`)"
