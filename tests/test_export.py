@@ -31,6 +31,12 @@ from train_helpers import (
 enable_compilation_cache()
 
 
+def run_predict(export, *images) -> subprocess.CompletedProcess:
+    """`python -m dla_jax.predict --checkpoint=export images...` in a fresh one-device process."""
+    command = [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={export}", *map(str, images)]
+    return subprocess.run(command, capture_output=True, text=True, env=cpu_env(1), timeout=120)
+
+
 def test_export_load_predict_round_trip(tmp_path):
     config = tiny_digits_config(train__num_steps=2)
     state = loop.train_and_evaluate(config, tmp_path / "run")
@@ -49,13 +55,7 @@ def test_export_load_predict_round_trip(tmp_path):
     for i, image in enumerate(raw):
         paths.append(tmp_path / f"digit{i}.png")
         Image.fromarray(image[..., 0]).save(paths[-1])  # digits are grayscale HxWx1
-    result = subprocess.run(
-        [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={tmp_path / 'export'}", *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env=cpu_env(1),
-        timeout=120,
-    )
+    result = run_predict(tmp_path / "export", *paths)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].endswith("digit0.png") and len(lines) == 4 * 6
@@ -67,13 +67,7 @@ def test_predict_names_an_image_it_cannot_read(tmp_path):
     """Checked before the export is loaded: a missing file or one that is not an image."""
     (tmp_path / "notes.png").write_text("not an image")
     for name, reason in [("notes.png", "cannot identify image file"), ("missing.png", "No such file or directory")]:
-        result = subprocess.run(
-            [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={tmp_path}", str(tmp_path / name)],
-            capture_output=True,
-            text=True,
-            env=cpu_env(1),
-            timeout=120,
-        )
+        result = run_predict(tmp_path, tmp_path / name)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert f"dla_jax.predict: cannot read image {tmp_path / name}: {reason}" in result.stderr
 
@@ -94,13 +88,7 @@ def test_damaged_export_is_refused(tmp_path):
         inference.load(export)
     delete_array_files(export / "variables")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digit.png")
-    result = subprocess.run(
-        [sys.executable, "-m", "dla_jax.predict", f"--checkpoint={export}", str(tmp_path / "digit.png")],
-        capture_output=True,
-        text=True,
-        env=cpu_env(1),
-        timeout=120,
-    )
+    result = run_predict(export, tmp_path / "digit.png")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
     line = result.stderr.strip().splitlines()[-1]  # after any of JAX's own warnings
