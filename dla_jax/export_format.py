@@ -96,7 +96,7 @@ def load_export(
         variables = restore_or_explain(lambda: checkpointer.restore(path / "variables", target))
     except UnreadableError as err:
         raise ExportFormatError(f"{path / 'variables'} cannot be read ({err}); {again}") from err
-    changes = describe_changes(variables, record["fingerprints"]) if "fingerprints" in record else None
+    changes = describe_changes(variables, record.get("fingerprints"))
     if changes:
         raise ExportFormatError(f"{path / 'variables'} is corrupt: {changes}; {again}")
     return variables, record["model_config"], record["data_info"]

@@ -62,8 +62,11 @@ def changed_arrays(tree: Any, expected: dict[str, str]) -> list[str]:
     return sorted(name for name in set(found) | set(expected) if found.get(name) != expected.get(name))
 
 
-def describe_changes(tree: Any, expected: dict[str, str]) -> str | None:
-    """None if `tree` matches the fingerprints `expected`, else which arrays differ, for an error message."""
+def describe_changes(tree: Any, expected: dict[str, str] | None) -> str | None:
+    """Which arrays differ from the fingerprints `expected`, for an error message; None if none do, or
+    if `expected` is None (saved before fingerprints were recorded, so there is nothing to check)."""
+    if expected is None:
+        return None
     changed = changed_arrays(tree, expected)
     if not changed:
         return None

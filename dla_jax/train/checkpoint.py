@@ -121,8 +121,7 @@ class Checkpoints:
             restored = restore_or_explain(restore)["state"]
         except UnreadableError as err:
             raise self._corrupt(step, f"its files cannot be read ({err})") from err
-        saved = metadata.get("fingerprints")  # absent in checkpoints from before fingerprints
-        changes = None if saved is None else describe_changes(restored, saved)
+        changes = describe_changes(restored, metadata.get("fingerprints"))
         if changes:
             raise self._corrupt(step, changes)
         return restored
