@@ -59,7 +59,8 @@ def evaluate_export(path: str | Path, config: ml_collections.ConfigDict) -> dict
             f"{config.data.name} has {info.num_classes}: pick the config of the dataset it was trained on"
         )
     model = models.from_config(model_config, model_config["num_classes"])
-    return loop.evaluate(loop.eval_function(model, mesh, replicated), variables, config, mesh)
+    with jax.set_mesh(mesh):  # see loop.train_and_evaluate
+        return loop.evaluate(loop.eval_function(model, mesh, replicated), variables, config, mesh)
 
 
 def main(argv: list[str]) -> int:

@@ -148,7 +148,8 @@ class Case:
         for mode in modes:
             start = time.perf_counter()
             weights = self.state if mode == "train" else self.state.variables()
-            compiled = step_fns[mode].lower(weights, self.batch).compile()
+            with jax.set_mesh(mesh):  # as in the training loop
+                compiled = step_fns[mode].lower(weights, self.batch).compile()
             self.result[f"{mode}_compile_s"] = time.perf_counter() - start
             self.compiled[mode] = compiled
             cost = _cost(compiled)

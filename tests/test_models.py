@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import chex
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from dla_jax.convert import from_torch_state_dict
-from dla_jax.models import FAMILIES, create_model, stack_blocks, unstack_blocks
+from dla_jax.models import FAMILIES, cpu_kernels, create_model, stack_blocks, unstack_blocks
 from dla_jax.models.layer_attention import (
     channel_conv1d,
     hand_back_final_values,
@@ -29,6 +30,7 @@ from dla_jax.models.layers import (
     relu_from_output,
 )
 
+from light_sum_cases import composed_light_sum, grouped_conv3x3, light_sum_inputs
 from parity_fixtures import CIFAR, DATA, load, nhwc
 
 # The spec's table, from the official code.
@@ -286,20 +288,22 @@ def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
     assert_values_and_gradients_close(lambda x, kernel: conv2d(x, kernel, stride, pad), reference, x, kernel)
 
 
-def grouped_conv3x3(x, kernel):
-    """XLA's own depthwise 3x3 conv, padding 1: the reference for ours."""
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
-    )
-
-
 @pytest.mark.parametrize("batch", [1, 6, 16, 17, 48])
 def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
     """The nine-product depthwise conv and its custom VJP (batch split into tiles that
-    divide it: 1, 6, 16, 1 and 16 here) equal XLA's grouped convolution."""
+    divide it: 1, 6, 16, 1 and 16 here) equal XLA's grouped convolution (5 channels: not
+    whole SIMD vectors, so the CPU kernels' fallback, XLA's ops)."""
     channels = 5
     x = jax.random.normal(jax.random.key(0), (batch, 6, 7, channels))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
+    assert_values_and_gradients_close(depthwise_conv3x3, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
+
+
+def test_depthwise_conv_by_the_cpu_kernels_equals_xla_grouped_convolution():
+    """With whole SIMD vectors of channels the CPU kernels run the conv and its VJP: same results."""
+    x = jax.random.normal(jax.random.key(0), (6, 5, 7, 32))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 32))
+    assert cpu_kernel_calls(depthwise_conv3x3, x, kernel) == {"DepthwiseForwardF32", "DepthwiseBackwardF32"}
     assert_values_and_gradients_close(depthwise_conv3x3, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
 
 
@@ -356,27 +360,40 @@ def test_channel_conv1d_and_its_gradients_equal_shifted_adds():
         assert_values_and_gradients_close(channel_conv1d, shifted_adds, y, kernel)
 
 
+def cpu_kernel_calls(function, *args) -> set[str]:
+    """The CPU kernels that function's value and gradient call (their FFI targets, without the prefix)."""
+    text = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(function(*a))))).lower(*args).as_text()
+    return set(re.findall(r"dla_jax_(\w+)", text))
+
+
+@pytest.mark.parametrize("path", ["cpu_kernels", "xla"])
 @pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
-def test_light_sum_and_its_gradients_equal_autodiff(family):
+def test_light_sum_and_its_gradients_equal_autodiff(family, path, monkeypatch):
     """The light families' fused branch (hand-written VJP) equals the autodiff composition:
     dwconv(out)·heads + λ·previous, previous = shortcut (MRLA-light) or shortcut·gate +
-    dwconv(shortcut) (DLA-L)."""
-    keys = jax.random.split(jax.random.key(0), 7)
-    out, shortcut = (jax.random.normal(key, (6, 5, 7, 8)) for key in keys[:2])
-    value_kernel, excite_kernel = (jax.random.normal(key, (3, 3, 1, 8)) for key in keys[2:4])
-    heads, gate = (jax.random.normal(key, (6, 8)) for key in keys[4:6])
-    lam = jax.random.normal(keys[6], (8,))
-    refresh = (gate, excite_kernel) if family == "dla_l" else None
+    dwconv(shortcut) (DLA-L); by the compiled CPU kernels and by XLA's ops (their fallback)."""
+    if path == "xla":
+        monkeypatch.setattr(cpu_kernels, "supports", lambda dtype, channels: False)
+    args = light_sum_inputs(family, channels=32)
+    expected = {"LightSumForwardF32", "LightSumBackwardF32"} if path == "cpu_kernels" else set()
+    assert cpu_kernel_calls(light_sum, *args) == expected
+    assert_values_and_gradients_close(light_sum, composed_light_sum, *args, gradient_atol=1e-4)
 
-    def composed(out, shortcut, value_kernel, heads, lam, refresh):
-        previous = shortcut
-        if refresh is not None:
-            previous = shortcut * refresh[0][:, None, None, :] + depthwise_conv3x3(shortcut, refresh[1])
-        return depthwise_conv3x3(out, value_kernel) * heads[:, None, None, :] + lam * previous
 
-    assert_values_and_gradients_close(
-        light_sum, composed, out, shortcut, value_kernel, heads, lam, refresh, gradient_atol=1e-4
-    )
+@pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
+def test_light_sum_kernels_in_float64_and_narrow_channels_fall_back(family):
+    """The kernels' float64 build agrees with the composition to float64 precision; a channel
+    count that is not whole SIMD vectors (8 in float32) takes XLA's ops, with the same results."""
+    with jax.enable_x64(True):
+        args = light_sum_inputs(family, channels=16, dtype=jnp.float64)
+        assert cpu_kernel_calls(light_sum, *args) == {"LightSumForwardF64", "LightSumBackwardF64"}
+        ours, reference = (jax.vjp(f, *args) for f in (light_sum, composed_light_sum))
+        chex.assert_trees_all_close(ours[0], reference[0], rtol=1e-12, atol=1e-12)
+        cotangent = jax.random.normal(jax.random.key(9), ours[0].shape, jnp.float64)
+        chex.assert_trees_all_close(ours[1](cotangent), reference[1](cotangent), rtol=1e-10, atol=1e-10)
+    args = light_sum_inputs(family, channels=8)
+    assert not cpu_kernel_calls(light_sum, *args)
+    assert_values_and_gradients_close(light_sum, composed_light_sum, *args, gradient_atol=1e-4)
 
 
 @pytest.mark.parametrize("filled", [1, 3, 4])

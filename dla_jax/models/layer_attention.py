@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dla_jax.models import cpu_kernels
 from dla_jax.models.layers import (
     depthwise_kernel_gradient,
     depthwise_kernel_init,
@@ -89,16 +90,23 @@ def _per_sample(vector: jax.Array, dtype) -> jax.Array:
     return vector[:, None, None, :].astype(dtype)
 
 
-def _previous(shortcut: jax.Array, refresh) -> jax.Array:
-    if refresh is None:
-        return shortcut
-    gate, excite_kernel = refresh
-    return shortcut * _per_sample(gate, shortcut.dtype) + plain_depthwise_conv3x3(shortcut, excite_kernel)
+def _light_sum_by_xla(out, shortcut, value_kernel, heads, lam, gate, excite_kernel, *, refresh):
+    previous = shortcut
+    if refresh:
+        previous = shortcut * _per_sample(gate, shortcut.dtype) + plain_depthwise_conv3x3(shortcut, excite_kernel)
+    value = plain_depthwise_conv3x3(out, value_kernel)
+    return value * _per_sample(heads, out.dtype) + lam.astype(out.dtype) * previous
+
+
+def _light_sum_by_kernel(out, shortcut, value_kernel, heads, lam, gate, excite_kernel, *, refresh):
+    return cpu_kernels.light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh)
 
 
 def _light_sum(out, shortcut, value_kernel, heads, lam, refresh):
-    value = plain_depthwise_conv3x3(out, value_kernel)
-    return value * _per_sample(heads, out.dtype) + lam.astype(out.dtype) * _previous(shortcut, refresh)
+    gate, excite_kernel = (heads, value_kernel) if refresh is None else refresh
+    by_kernel = functools.partial(_light_sum_by_kernel, refresh=refresh is not None)
+    by_xla = functools.partial(_light_sum_by_xla, refresh=refresh is not None)
+    return cpu_kernels.on_cpu(by_kernel, by_xla, out, shortcut, value_kernel, heads, lam, gate, excite_kernel)
 
 
 @jax.custom_vjp
@@ -131,30 +139,56 @@ def _light_sum_forward(*inputs):
     return _light_sum(*inputs), inputs
 
 
-def _light_sum_backward(residuals, dz):
+def _backward_parts_by_xla(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh):
     """Both input gradients are convs of dz itself, scaled after (a depthwise conv commutes with
     per-image, per-channel factors), so dz is padded once and dz·heads is never written out."""
-    out, shortcut, value_kernel, heads, lam, refresh = residuals
     accumulate = jnp.promote_types(dz.dtype, jnp.float32)
-    d_value_kernel = depthwise_kernel_gradient(out, dz, heads)[:, :, None, :]
+    value_taps = depthwise_kernel_gradient(out, dz, heads)
     shortcut_dz = jnp.sum(shortcut.astype(accumulate) * dz.astype(accumulate), axis=(1, 2))
     lam_per_channel = lam.astype(dz.dtype)
-    kernels = (value_kernel,) if refresh is None else (value_kernel, refresh[1])
+    kernels = (value_kernel, excite_kernel) if refresh else (value_kernel,)
     value_conv, *excite_convs = plain_depthwise_convs3x3(dz, tuple(kernel[::-1, ::-1] for kernel in kernels))
     d_heads = jnp.sum(out.astype(accumulate) * value_conv.astype(accumulate), axis=(1, 2))
-    if refresh is None:
-        d_shortcut, d_lam, d_refresh = dz * lam_per_channel, jnp.sum(shortcut_dz, axis=0), None
-    else:
-        gate, excite_kernel = refresh
+    if refresh:
         excite_taps = depthwise_kernel_gradient(shortcut, dz)
         d_shortcut = (dz * _per_sample(gate, dz.dtype) + excite_convs[0]) * lam_per_channel
+    else:
+        excite_taps, d_shortcut = None, dz * lam_per_channel
+    return value_conv * _per_sample(heads, dz.dtype), d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads
+
+
+def _backward_parts_by_kernel(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh):
+    """The same from `cpu_kernels.light_sum_backward`, one pass per image; the taps summed over images here."""
+    d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads = cpu_kernels.light_sum_backward(
+        out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh
+    )
+    value_taps, excite_taps = (jnp.sum(taps, axis=0).reshape(3, 3, -1) for taps in (value_taps, excite_taps))
+    return d_out, d_shortcut, value_taps, excite_taps if refresh else None, shortcut_dz, d_heads
+
+
+def _backward_parts(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh):
+    """(d_out, d_shortcut, value kernel taps, excite kernel taps or None, Σ_hw shortcut·dz, d_heads)."""
+    by_kernel = functools.partial(_backward_parts_by_kernel, refresh=refresh)
+    by_xla = functools.partial(_backward_parts_by_xla, refresh=refresh)
+    return cpu_kernels.on_cpu(by_kernel, by_xla, out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam)
+
+
+def _light_sum_backward(residuals, dz):
+    out, shortcut, value_kernel, heads, lam, refresh = residuals
+    gate, excite_kernel = (heads, value_kernel) if refresh is None else refresh
+    d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads = _backward_parts(
+        out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh is not None
+    )
+    if refresh is None:
+        d_lam, d_refresh = jnp.sum(shortcut_dz, axis=0), None
+    else:
         d_lam = jnp.sum(gate * shortcut_dz, axis=0) + jnp.sum(excite_kernel[:, :, 0, :] * excite_taps, axis=(0, 1))
         d_excite_kernel = (lam * excite_taps)[:, :, None, :].astype(excite_kernel.dtype)
         d_refresh = ((lam * shortcut_dz).astype(gate.dtype), d_excite_kernel)
     return (
-        value_conv * _per_sample(heads, dz.dtype),
+        d_out,
         d_shortcut,
-        d_value_kernel.astype(value_kernel.dtype),
+        value_taps[:, :, None, :].astype(value_kernel.dtype),
         d_heads.astype(heads.dtype),
         d_lam.astype(lam.dtype),
         d_refresh,

@@ -175,8 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             for name, (shape, dtype) in fields.items()
         }
 
-    train_fn = train_fn.lower(state, batch_struct(config.train.batch_size, mask=False)).compile()
-    eval_fn = eval_fn.lower(state.variables(), batch_struct(config.train.eval_batch_size, mask=True)).compile()
+    with jax.set_mesh(mesh):  # the models' CPU kernels split their batch over it (cpu_kernels.over_batch_shards)
+        train_fn = train_fn.lower(state, batch_struct(config.train.batch_size, mask=False)).compile()
+        eval_fn = eval_fn.lower(state.variables(), batch_struct(config.train.eval_batch_size, mask=True)).compile()
     parallel.wait_for_all_processes("dla_jax_steps_compiled")
 
     writer = MetricsWriter(workdir, start_step=start_step, enabled=is_main)

@@ -1,0 +1,363 @@
+// The layer attention's depthwise 3x3 convs on the CPU, as XLA FFI handlers: the light
+// families' whole branch (dla_jax.models.layer_attention.light_sum) forward and backward,
+// and the plain depthwise conv (DLA-B's value) forward and backward.
+//
+// XLA:CPU runs these as many memory-bound passes over [B, H, W, C] (padded copies, shifted
+// products, two convs of dz, their kernel gradients, per-image sums). Here each image is
+// read once, while it sits in cache, with every result computed in the same loop over its
+// pixels. Images are independent (each writes its own rows, per-image tap sums included),
+// so the batch is split over threads and over devices; the caller sums over images.
+//
+// Forward: z = dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate +
+// dwconv(shortcut, excite_kernel) (refresh) or shortcut; the plain conv: z = dwconv(out).
+// Backward, for one image (x[h+i-1, w+j-1] is 0 outside the image; tap t = 3i + j):
+//   value_conv[h, w] = Σ_t dz[h+i-1, w+j-1] · value_kernel[8 - t]
+//   excite_conv      the same with excite_kernel
+//   d_out            = value_conv · heads
+//   d_shortcut       = (dz · gate + excite_conv) · λ   (refresh)   or   dz · λ
+//   value_taps[t]    = heads · Σ_hw out[h+i-1, w+j-1] · dz[h, w]
+//   excite_taps[t]   = Σ_hw shortcut[h+i-1, w+j-1] · dz[h, w]        (refresh only)
+//   shortcut_dz      = Σ_hw shortcut · dz
+//   d_heads          = Σ_hw out · value_conv
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kVectorBytes = 64;
+
+template <typename T>
+struct Simd {
+  typedef T Vec __attribute__((vector_size(kVectorBytes)));
+  typedef Vec UnalignedVec __attribute__((aligned(alignof(T))));
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  __attribute__((always_inline)) static Vec Load(const T* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
+  __attribute__((always_inline)) static void Store(T* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+};
+
+
+// The in-image neighbours of pixel (h, w): tap t = 3i + j and the offset of pixel (h+i-1, w+j-1).
+struct Neighbours {
+  int taps[9];
+  int64_t offsets[9];
+  int count = 0;
+  Neighbours(int64_t h, int64_t w, int64_t H, int64_t W, int64_t C) {
+    for (int i = 0; i < 3; ++i) {
+      for (int j = 0; j < 3; ++j) {
+        const int64_t hh = h + i - 1, ww = w + j - 1;
+        if (hh < 0 || hh >= H || ww < 0 || ww >= W) continue;
+        taps[count] = 3 * i + j;
+        offsets[count] = (hh * W + ww) * C;
+        ++count;
+      }
+    }
+  }
+};
+
+// `light` false: the depthwise conv alone (DLA-B's value), z = dwconv(out, value_kernel);
+// shortcut, heads, lam and gate are then unused (null).
+template <typename T>
+struct Forward {
+  int64_t batch, height, width, channels;
+  bool light, refresh;
+  const T *out, *shortcut, *value_kernel, *heads, *lam, *gate, *excite_kernel;
+  T* z;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int64_t b) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
+  const int64_t image = b * H * W * C;
+  const T* out = p.out + image;
+  const T* sc = p.light ? p.shortcut + image : nullptr;
+  const T* heads = p.light ? p.heads + b * C : nullptr;
+  const T* gate = p.light ? p.gate + b * C : nullptr;
+  T* z = p.z + image;
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      Neighbours n(h, w, H, W, C);
+      const int64_t at = (h * W + w) * C;
+      for (int64_t c = 0; c < C; c += L) {
+        Vec value = {}, excite = {};
+        for (int k = 0; k < n.count; ++k) {
+          const int64_t o = n.offsets[k] + c;
+          value += S::Load(out + o) * S::Load(p.value_kernel + n.taps[k] * C + c);
+          if (p.refresh) excite += S::Load(sc + o) * S::Load(p.excite_kernel + n.taps[k] * C + c);
+        }
+        if (!p.light) {
+          S::Store(z + at + c, value);
+          continue;
+        }
+        const Vec previous = p.refresh ? S::Load(sc + at + c) * S::Load(gate + c) + excite : S::Load(sc + at + c);
+        S::Store(z + at + c, value * S::Load(heads + c) + S::Load(p.lam + c) * previous);
+      }
+    }
+  }
+}
+
+// `light` false: the depthwise conv alone; only d_out (= value_conv) and value_taps (unscaled).
+template <typename T>
+struct Backward {
+  int64_t batch, height, width, channels;
+  bool light, refresh;
+  const T *out, *shortcut, *dz, *value_kernel, *heads, *lam, *gate, *excite_kernel;
+  T *d_out, *d_shortcut, *value_taps, *excite_taps, *shortcut_dz, *d_heads;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, int64_t b) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
+  const int64_t image = b * H * W * C;
+  const T* out = p.out + image;
+  const T* dz = p.dz + image;
+  T* d_out = p.d_out + image;
+  T* value_taps = p.value_taps + b * 9 * C;
+  std::fill(value_taps, value_taps + 9 * C, T(0));
+  const T *sc = nullptr, *heads = nullptr, *gate = nullptr;
+  T *d_sc = nullptr, *excite_taps = nullptr, *sdz = nullptr, *dh = nullptr;
+  if (p.light) {
+    sc = p.shortcut + image;
+    heads = p.heads + b * C;
+    gate = p.gate + b * C;
+    d_sc = p.d_shortcut + image;
+    excite_taps = p.excite_taps + b * 9 * C;
+    sdz = p.shortcut_dz + b * C;
+    dh = p.d_heads + b * C;
+    std::fill(excite_taps, excite_taps + 9 * C, T(0));
+    std::fill(sdz, sdz + C, T(0));
+    std::fill(dh, dh + C, T(0));
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      Neighbours n(h, w, H, W, C);
+      const int64_t at = (h * W + w) * C;
+      for (int64_t c = 0; c < C; c += L) {
+        Vec value_conv = {}, excite_conv = {};
+        const Vec g = S::Load(dz + at + c);
+        for (int k = 0; k < n.count; ++k) {
+          const int t = n.taps[k];
+          const int64_t o = n.offsets[k] + c;
+          const Vec neighbour = S::Load(dz + o);
+          value_conv += neighbour * S::Load(p.value_kernel + (8 - t) * C + c);
+          T* vt = value_taps + t * C + c;
+          S::Store(vt, S::Load(vt) + S::Load(out + o) * g);
+          if (p.refresh) {
+            excite_conv += neighbour * S::Load(p.excite_kernel + (8 - t) * C + c);
+            T* et = excite_taps + t * C + c;
+            S::Store(et, S::Load(et) + S::Load(sc + o) * g);
+          }
+        }
+        if (!p.light) {
+          S::Store(d_out + at + c, value_conv);
+          continue;
+        }
+        S::Store(d_out + at + c, value_conv * S::Load(heads + c));
+        S::Store(dh + c, S::Load(dh + c) + S::Load(out + at + c) * value_conv);
+        S::Store(sdz + c, S::Load(sdz + c) + S::Load(sc + at + c) * g);
+        const Vec lam = S::Load(p.lam + c);
+        S::Store(d_sc + at + c, p.refresh ? (g * S::Load(gate + c) + excite_conv) * lam : g * lam);
+      }
+    }
+  }
+  if (!p.light) return;
+  for (int t = 0; t < 9; ++t) {
+    for (int64_t c = 0; c < C; ++c) value_taps[t * C + c] *= heads[c];
+  }
+}
+
+// One clone per instruction set, picked at load time, so the build stays portable.
+#define DLA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+DLA_CLONES void Image(const Forward<float>& p, int64_t b) { ForwardBody(p, b); }
+DLA_CLONES void Image(const Forward<double>& p, int64_t b) { ForwardBody(p, b); }
+DLA_CLONES void Image(const Backward<float>& p, int64_t b) { BackwardBody(p, b); }
+DLA_CLONES void Image(const Backward<double>& p, int64_t b) { BackwardBody(p, b); }
+
+// Hands images to whichever of XLA's threads are free. The caller takes images too and
+// returns once every image is done; a helper that starts later finds none left and
+// touches nothing but this shared state.
+template <typename Problem>
+struct Images {
+  Problem problem;
+  int64_t batch;
+  std::atomic<int64_t> next{0};
+  int64_t done = 0;
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void Work() {
+    for (int64_t b; (b = next.fetch_add(1)) < batch;) {
+      Image(problem, b);
+      std::lock_guard<std::mutex> lock(mutex);
+      if (++done == batch) finished.notify_all();
+    }
+  }
+};
+
+template <typename Problem>
+ffi::Error ForEachImage(ffi::ThreadPool& pool, int64_t batch, int64_t channels, const Problem& problem) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(problem.out)>>;
+  if (channels % Simd<T>::kLanes != 0) {
+    return ffi::Error::InvalidArgument("dla_jax light_sum kernel: channels must be a multiple of the vector width");
+  }
+  if (batch == 0) return ffi::Error::Success();
+  auto images = std::make_shared<Images<Problem>>();
+  images->problem = problem;
+  images->batch = batch;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), batch) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([images] { images->Work(); });
+  images->Work();
+  std::unique_lock<std::mutex> lock(images->mutex);
+  images->finished.wait(lock, [&] { return images->done == batch; });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType D>
+using Image4 = ffi::Buffer<D, 4>;
+template <ffi::DataType D>
+using Vectors = ffi::Buffer<D, 2>;
+
+// Every handler takes the per-image operands first ([B, H, W, C] images, then [B, C] vectors),
+// then the shared ones ([9, C] kernels, tap t = 3i + j, and [C] vectors).
+
+template <ffi::DataType D>
+ffi::Error LightSumForward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Vectors<D> heads, Vectors<D> gate,
+                           Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam, bool refresh,
+                           ffi::ResultBuffer<D, 4> z) {
+  const auto d = out.dimensions();
+  Forward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], true, refresh};
+  problem.out = out.typed_data();
+  problem.shortcut = shortcut.typed_data();
+  problem.heads = heads.typed_data();
+  problem.gate = gate.typed_data();
+  problem.value_kernel = value_kernel.typed_data();
+  problem.excite_kernel = excite_kernel.typed_data();
+  problem.lam = lam.typed_data();
+  problem.z = z->typed_data();
+  return ForEachImage(pool, d[0], d[3], problem);
+}
+
+template <ffi::DataType D>
+ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dz, Vectors<D> heads,
+                            Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
+                            bool refresh, ffi::ResultBuffer<D, 4> d_out, ffi::ResultBuffer<D, 4> d_shortcut,
+                            ffi::ResultBuffer<D, 3> value_taps, ffi::ResultBuffer<D, 3> excite_taps,
+                            ffi::ResultBuffer<D, 2> shortcut_dz, ffi::ResultBuffer<D, 2> d_heads) {
+  const auto d = out.dimensions();
+  Backward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], true, refresh};
+  problem.out = out.typed_data();
+  problem.shortcut = shortcut.typed_data();
+  problem.dz = dz.typed_data();
+  problem.heads = heads.typed_data();
+  problem.gate = gate.typed_data();
+  problem.value_kernel = value_kernel.typed_data();
+  problem.excite_kernel = excite_kernel.typed_data();
+  problem.lam = lam.typed_data();
+  problem.d_out = d_out->typed_data();
+  problem.d_shortcut = d_shortcut->typed_data();
+  problem.value_taps = value_taps->typed_data();
+  problem.excite_taps = excite_taps->typed_data();
+  problem.shortcut_dz = shortcut_dz->typed_data();
+  problem.d_heads = d_heads->typed_data();
+  return ForEachImage(pool, d[0], d[3], problem);
+}
+
+template <ffi::DataType D>
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, Image4<D> x, Vectors<D> kernel, ffi::ResultBuffer<D, 4> y) {
+  const auto d = x.dimensions();
+  Forward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], false, false};
+  problem.out = x.typed_data();
+  problem.value_kernel = kernel.typed_data();
+  problem.z = y->typed_data();
+  return ForEachImage(pool, d[0], d[3], problem);
+}
+
+template <ffi::DataType D>
+ffi::Error DepthwiseBackward(ffi::ThreadPool pool, Image4<D> x, Image4<D> dy, Vectors<D> kernel,
+                             ffi::ResultBuffer<D, 4> dx, ffi::ResultBuffer<D, 3> taps) {
+  const auto d = x.dimensions();
+  Backward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], false, false};
+  problem.out = x.typed_data();
+  problem.dz = dy.typed_data();
+  problem.value_kernel = kernel.typed_data();
+  problem.d_out = dx->typed_data();
+  problem.value_taps = taps->typed_data();
+  return ForEachImage(pool, d[0], d[3], problem);
+}
+
+template <ffi::DataType D>
+auto LightSumForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<Image4<D>>()   // out
+      .template Arg<Image4<D>>()   // shortcut
+      .template Arg<Vectors<D>>()  // heads
+      .template Arg<Vectors<D>>()  // gate
+      .template Arg<Vectors<D>>()  // value_kernel
+      .template Arg<Vectors<D>>()  // excite_kernel
+      .template Arg<ffi::Buffer<D, 1>>()
+      .template Attr<bool>("refresh")
+      .template Ret<Image4<D>>();
+}
+
+template <ffi::DataType D>
+auto LightSumBackwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<Image4<D>>()   // out
+      .template Arg<Image4<D>>()   // shortcut
+      .template Arg<Image4<D>>()   // dz
+      .template Arg<Vectors<D>>()  // heads
+      .template Arg<Vectors<D>>()  // gate
+      .template Arg<Vectors<D>>()  // value_kernel
+      .template Arg<Vectors<D>>()  // excite_kernel
+      .template Arg<ffi::Buffer<D, 1>>()
+      .template Attr<bool>("refresh")
+      .template Ret<Image4<D>>()
+      .template Ret<Image4<D>>()
+      .template Ret<ffi::Buffer<D, 3>>()
+      .template Ret<ffi::Buffer<D, 3>>()
+      .template Ret<Vectors<D>>()
+      .template Ret<Vectors<D>>();
+}
+
+template <ffi::DataType D>
+auto DepthwiseForwardBinding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Image4<D>>().template Arg<Vectors<D>>().template Ret<
+      Image4<D>>();
+}
+
+template <ffi::DataType D>
+auto DepthwiseBackwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<Image4<D>>()  // x
+      .template Arg<Image4<D>>()  // dy
+      .template Arg<Vectors<D>>()
+      .template Ret<Image4<D>>()
+      .template Ret<ffi::Buffer<D, 3>>();
+}
+
+}  // namespace
+
+#define DLA_HANDLERS(NAME)                                                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##F32, NAME<ffi::F32>, NAME##Binding<ffi::F32>()); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME##F64, NAME<ffi::F64>, NAME##Binding<ffi::F64>());
+
+DLA_HANDLERS(LightSumForward)
+DLA_HANDLERS(LightSumBackward)
+DLA_HANDLERS(DepthwiseForward)
+DLA_HANDLERS(DepthwiseBackward)

@@ -1,0 +1,179 @@
+"""Hand-written CPU kernels for the layer attention, compiled on first use, called through XLA's FFI.
+
+XLA:CPU runs the layer attention's depthwise 3x3 convs, their gradients and the light
+branch around them as many memory-bound passes over [B, H, W, C] (padded copies, shifted
+products, tap sums, per-image sums). `attention_kernels.cc` does each direction in one
+pass per image, while the image sits in cache (see docs/performance.md, round 6). It is
+compiled with the system's C++ compiler against the running jaxlib's FFI headers, once
+per source, jaxlib and compiler, into a cache directory (`$DLA_JAX_CACHE`, default
+`~/.cache/dla_jax`). Without a compiler the models use XLA's own ops (the same results,
+slower) and warn once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax.sharding import PartitionSpec as P
+
+SOURCE = pathlib.Path(__file__).with_name("attention_kernels.cc")
+VECTOR_BYTES = 64
+_SUFFIXES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float64): "F64"}
+_HANDLERS = ("LightSumForward", "LightSumBackward", "DepthwiseForward", "DepthwiseBackward")
+
+
+def _target(handler: str, dtype: Any) -> str:
+    return f"dla_jax_{handler}{_SUFFIXES[jnp.dtype(dtype)]}"
+
+
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("DLA_JAX_CACHE", pathlib.Path.home() / ".cache" / "dla_jax"))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _compile(compiler: str) -> pathlib.Path:
+    """The shared library for this source, jaxlib and compiler; built (and renamed into place) if not cached."""
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, *flags]).encode())
+    library = _cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = pathlib.Path(scratch) / library.name
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, library)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are registered with XLA (compiling them the first time); warns once if not."""
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+        library = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(
+            f"dla_jax's CPU kernels are not available, so the layer attention runs as XLA's own ops "
+            f"(the same results, slower): {error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    for handler in _HANDLERS:
+        for dtype in _SUFFIXES:
+            target = _target(handler, dtype)
+            symbol = getattr(library, target.removeprefix("dla_jax_"))
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    return True
+
+
+def supports(dtype: Any, channels: int) -> bool:
+    """Whether the kernels take this element type and channel count (whole SIMD vectors) and are built."""
+    dtype = jnp.dtype(dtype)
+    return dtype in _SUFFIXES and channels % (VECTOR_BYTES // dtype.itemsize) == 0 and available()
+
+
+def on_cpu(by_kernel: Callable, by_xla: Callable, *inputs: Any) -> Any:
+    """by_kernel(*inputs) on the CPU where the kernels take the first input's dtype and width, else by_xla.
+
+    Decided at trace time: the default backend must be the CPU and the kernels built; then
+    `platform_dependent` still lowers by_xla for any other platform.
+    """
+    first = inputs[0]
+    if jax.default_backend() != "cpu" or not supports(first.dtype, first.shape[-1]):
+        return by_xla(*inputs)
+    return jax.lax.platform_dependent(*inputs, cpu=by_kernel, default=by_xla)
+
+
+def over_batch_shards(function: Callable, batched: Sequence[jax.Array], shared: Sequence[jax.Array]) -> Any:
+    """function(*batched, *shared), the batched inputs and all outputs split over the ambient mesh.
+
+    The kernels treat every image alone, so each device runs its own images; without this
+    XLA's partitioner would gather the whole batch onto every device for the custom call.
+    Without a mesh (`jax.set_mesh`), or with a batch the mesh does not divide, a plain call.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batched[0].shape[0] % mesh.size:
+        return function(*batched, *shared)
+    split = P(mesh.axis_names)
+    in_specs = (split,) * len(batched) + (P(),) * len(shared)
+    return jax.shard_map(function, in_specs=in_specs, out_specs=split)(*batched, *shared)
+
+
+def _kernel_call(handler: str, batched: Sequence[jax.Array], shared: Sequence[jax.Array], results, **attributes):
+    """`handler` on the per-image operands (split over the mesh), then the shared ones, in the images' dtype.
+
+    `results(images)` gives the output shapes for a share of `images` images.
+    """
+    dtype = batched[0].dtype
+
+    def call(*operands):
+        shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape in results(operands[0].shape[0])]
+        return jax.ffi.ffi_call(_target(handler, dtype), shapes, vmap_method="sequential")(*operands, **attributes)
+
+    batched = [operand.astype(dtype) for operand in batched]
+    return over_batch_shards(call, batched, [operand.astype(dtype) for operand in shared])
+
+
+def _taps(kernel: jax.Array) -> jax.Array:
+    """A [3, 3, 1, C] depthwise kernel as [9, C] rows, tap t = 3i + j."""
+    return kernel.reshape(9, kernel.shape[-1])
+
+
+def light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool) -> jax.Array:
+    """dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate + dwconv(shortcut,
+    excite_kernel) (refresh) or the shortcut; heads and gate are [B, C]."""
+    shape = out.shape[1:]
+    batched, shared = (out, shortcut, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
+    return _kernel_call("LightSumForward", batched, shared, lambda images: [(images, *shape)], refresh=refresh)[0]
+
+
+def light_sum_backward(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool):
+    """The backward pass of `light_sum_forward` per image: d_out, d_shortcut [B, H, W, C], value_taps,
+    excite_taps [B, 9, C] (the kernels' gradients, before λ for the excite kernel), Σ_hw shortcut·dz
+    and d_heads [B, C]."""
+    shape, channels = out.shape[1:], out.shape[-1]
+
+    def results(images):
+        return [(images, *shape)] * 2 + [(images, 9, channels)] * 2 + [(images, channels)] * 2
+
+    batched, shared = (out, shortcut, dz, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
+    return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh)
+
+
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The depthwise 3x3 conv of x [B, H, W, C] with kernel [3, 3, 1, C], padding 1."""
+    shape = x.shape[1:]
+    return _kernel_call("DepthwiseForward", (x,), (_taps(kernel),), lambda images: [(images, *shape)])[0]
+
+
+def depthwise_conv3x3_backward(x: jax.Array, kernel: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(dx, the kernel's gradient per image [B, 9, C]) of `depthwise_conv3x3` for cotangent dy."""
+    shape, channels = x.shape[1:], x.shape[-1]
+
+    def results(images):
+        return [(images, *shape), (images, 9, channels)]
+
+    dx, taps = _kernel_call("DepthwiseBackward", (x, dy), (_taps(kernel),), results)
+    return dx, taps

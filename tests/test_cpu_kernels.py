@@ -1,0 +1,83 @@
+"""The compiled CPU kernels: built once into a cache, split over a mesh's devices, optional."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dla_jax.models.layer_attention import light_sum
+
+from light_sum_cases import composed_light_sum, light_sum_inputs
+
+# Prints whether the kernels are in use and the largest gap between light_sum's gradients and
+# the composition's (XLA's grouped convs, autodiff).
+CHECK = """
+import warnings
+warnings.simplefilter("default")
+import jax, jax.numpy as jnp
+from dla_jax.models import cpu_kernels
+from dla_jax.models.layer_attention import light_sum
+from light_sum_cases import composed_light_sum, light_sum_inputs
+args = light_sum_inputs("dla_l", channels=32)
+grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(*args)
+         for f in (light_sum, composed_light_sum)]
+gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*map(jax.tree.leaves, grads)))
+print("kernels", cpu_kernels.available(), "gap", gap)
+"""
+
+
+def _check(cache, **env):
+    tests = os.path.dirname(__file__)
+    environment = dict(os.environ, DLA_JAX_CACHE=str(cache), PYTHONPATH=tests, **env)
+    return subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_kernels_are_built_once_into_the_cache(tmp_path):
+    first = _check(tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("kernels True"), first.stdout
+    (library,) = tmp_path.glob("attention_kernels-*.so")
+    built = library.stat().st_mtime_ns
+    second = _check(tmp_path)
+    assert second.returncode == 0 and second.stdout.startswith("kernels True"), second.stderr
+    assert library.stat().st_mtime_ns == built
+    assert float(second.stdout.split()[-1]) < 1e-4
+
+
+def test_without_a_compiler_xla_ops_give_the_same_gradients_and_one_warning(tmp_path):
+    result = _check(tmp_path, CXX="false")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("kernels False"), result.stdout
+    assert float(result.stdout.split()[-1]) < 1e-4
+    assert result.stderr.count("dla_jax's CPU kernels are not available") == 1, result.stderr
+    assert "false failed to build attention_kernels.cc" in result.stderr
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_on_a_mesh_each_device_runs_its_own_images():
+    """Under `jax.set_mesh` the kernels see each device's share of the batch (no gather of
+    the batch), and the gradients equal those of the composition on one device."""
+    args = light_sum_inputs("dla_l", channels=32)
+    args = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:2]]) if leaf.shape[0] == 6 else leaf, args)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    sharded = jax.tree.map(lambda leaf: jax.device_put(leaf, batch) if leaf.shape[0] == 8 else leaf, args)
+
+    def grads(function):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(function(*a))), argnums=(0, 1, 2, 3, 4, 5)))
+
+    with jax.set_mesh(mesh):
+        compiled = grads(light_sum).lower(*sharded).compile()
+        ours = compiled(*sharded)
+    kernel_calls = [line for line in compiled.as_text().splitlines() if 'custom_call_target="dla_jax_LightSum' in line]
+    assert len(kernel_calls) == 2
+    assert all("f32[1,5,7,32]" in line.split("custom-call(")[0] for line in kernel_calls), kernel_calls
+    assert "all-gather" not in compiled.as_text()
+    chex.assert_trees_all_close(ours, grads(composed_light_sum)(*args), rtol=1e-5, atol=1e-4)
