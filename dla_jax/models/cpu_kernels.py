@@ -127,6 +127,8 @@ def _kernel_call(handler: str, batched: Sequence[jax.Array], shared: Sequence[ja
     `results(images)` gives the output shapes for a share of `images` images.
     """
     dtype = batched[0].dtype
+    if not supports(dtype, batched[0].shape[-1]):
+        raise ValueError(f"the CPU kernels do not take {dtype} [..., {batched[0].shape[-1]}] inputs (see `on_cpu`)")
 
     def call(*operands):
         shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape in results(operands[0].shape[0])]
