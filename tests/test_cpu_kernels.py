@@ -43,7 +43,7 @@ def test_kernels_are_built_once_into_the_cache(tmp_path):
     first = _check(tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("kernels True"), first.stdout
-    (library,) = tmp_path.glob("attention_kernels-*.so")
+    (library,) = tmp_path.glob("light_sum_kernels-*.so")
     built = library.stat().st_mtime_ns
     second = _check(tmp_path)
     assert second.returncode == 0 and second.stdout.startswith("kernels True"), second.stderr
@@ -57,7 +57,7 @@ def test_without_a_compiler_xla_ops_give_the_same_gradients_and_one_warning(tmp_
     assert result.stdout.startswith("kernels False"), result.stdout
     assert float(result.stdout.split()[-1]) < 1e-4
     assert result.stderr.count("dla_jax's CPU kernels are not available") == 1, result.stderr
-    assert "false failed to build attention_kernels.cc" in result.stderr
+    assert "false failed to build light_sum_kernels.cc" in result.stderr
     assert not list(tmp_path.glob("*.so"))
 
 

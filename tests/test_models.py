@@ -291,19 +291,10 @@ def test_conv_gradients_equal_xla_convolution(kernel_size, stride):
 @pytest.mark.parametrize("batch", [1, 6, 16, 17, 48])
 def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
     """The nine-product depthwise conv and its custom VJP (batch split into tiles that
-    divide it: 1, 6, 16, 1 and 16 here) equal XLA's grouped convolution (5 channels: not
-    whole SIMD vectors, so the CPU kernels' fallback, XLA's ops)."""
+    divide it: 1, 6, 16, 1 and 16 here) equal XLA's grouped convolution."""
     channels = 5
     x = jax.random.normal(jax.random.key(0), (batch, 6, 7, channels))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
-    assert_values_and_gradients_close(depthwise_conv3x3, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
-
-
-def test_depthwise_conv_by_the_cpu_kernels_equals_xla_grouped_convolution():
-    """With whole SIMD vectors of channels the CPU kernels run the conv and its VJP: same results."""
-    x = jax.random.normal(jax.random.key(0), (6, 5, 7, 32))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 32))
-    assert cpu_kernel_calls(depthwise_conv3x3, x, kernel) == {"DepthwiseForwardF32", "DepthwiseBackwardF32"}
     assert_values_and_gradients_close(depthwise_conv3x3, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
 
 

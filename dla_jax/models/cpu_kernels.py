@@ -1,8 +1,8 @@
-"""Hand-written CPU kernels for the layer attention, compiled on first use, called through XLA's FFI.
+"""Hand-written CPU kernels for the light layer attention, compiled on first use, called through XLA's FFI.
 
-XLA:CPU runs the layer attention's depthwise 3x3 convs, their gradients and the light
-branch around them as many memory-bound passes over [B, H, W, C] (padded copies, shifted
-products, tap sums, per-image sums). `attention_kernels.cc` does each direction in one
+XLA:CPU runs the light branch (`layer_attention.light_sum`: two depthwise 3x3 convs and
+their gradients) as many memory-bound passes over [B, H, W, C] (padded copies, shifted
+products, tap sums, per-image sums). `light_sum_kernels.cc` does each direction in one
 pass per image, while the image sits in cache (see docs/performance.md, round 6). It is
 compiled with the system's C++ compiler against the running jaxlib's FFI headers, once
 per source, jaxlib and compiler, into a cache directory (`$DLA_JAX_CACHE`, default
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import jaxlib
 from jax.sharding import PartitionSpec as P
 
-SOURCE = pathlib.Path(__file__).with_name("attention_kernels.cc")
+SOURCE = pathlib.Path(__file__).with_name("light_sum_kernels.cc")
 VECTOR_BYTES = 64
 _SUFFIXES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float64): "F64"}
-_HANDLERS = ("LightSumForward", "LightSumBackward", "DepthwiseForward", "DepthwiseBackward")
+_HANDLERS = ("LightSumForward", "LightSumBackward")
 
 
 def _target(handler: str, dtype: Any) -> str:
@@ -162,20 +162,3 @@ def light_sum_backward(out, shortcut, dz, heads, gate, value_kernel, excite_kern
 
     batched, shared = (out, shortcut, dz, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
     return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh)
-
-
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The depthwise 3x3 conv of x [B, H, W, C] with kernel [3, 3, 1, C], padding 1."""
-    shape = x.shape[1:]
-    return _kernel_call("DepthwiseForward", (x,), (_taps(kernel),), lambda images: [(images, *shape)])[0]
-
-
-def depthwise_conv3x3_backward(x: jax.Array, kernel: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(dx, the kernel's gradient per image [B, 9, C]) of `depthwise_conv3x3` for cotangent dy."""
-    shape, channels = x.shape[1:], x.shape[-1]
-
-    def results(images):
-        return [(images, *shape), (images, 9, channels)]
-
-    dx, taps = _kernel_call("DepthwiseBackward", (x, dy), (_taps(kernel),), results)
-    return dx, taps

@@ -15,8 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dla_jax.models import cpu_kernels
-
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -310,36 +308,28 @@ def depthwise_kernel_gradient(x: jax.Array, dy: jax.Array, scale: jax.Array | No
 
 @jax.custom_vjp
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise 3x3 conv, padding 1: a compiled kernel (or shifted products) on the CPU, a grouped conv elsewhere.
+    """Depthwise 3x3 conv, padding 1: nine shifted products on the CPU, XLA's grouped conv elsewhere.
 
     `kernel` is [3, 3, 1, C] (Flax's grouped-conv layout). XLA's grouped convolution is
-    slow on CPU; `cpu_kernels` reads each image once, and where it is not built nine
-    shifted multiply-adds fuse into one loop. On a GPU cuDNN's grouped conv is the faster
-    one (H200, bf16, ResNet-50 stage 0: forward 0.30 against 0.58 ms, kernel gradient
-    0.31 against 0.89 ms for the best XLA reduction). The custom VJP keeps only `x` for
-    the backward pass (autodiff of the nine products would keep nine shifted copies).
+    slow on CPU; nine shifted multiply-adds fuse into one loop and are exact. On a GPU
+    cuDNN's grouped conv is the faster one (H200, bf16, ResNet-50 stage 0: forward 0.30
+    against 0.58 ms, kernel gradient 0.31 against 0.89 ms for the best XLA reduction).
+    The custom VJP keeps only `x` for the backward pass (autodiff of the nine products
+    would keep nine shifted copies) and, on the CPU, computes the kernel gradient in a
+    form XLA:CPU runs fast (see `_depthwise_kernel_grad`).
     """
-    return cpu_kernels.on_cpu(cpu_kernels.depthwise_conv3x3, plain_depthwise_conv3x3, x, kernel)
+    return plain_depthwise_conv3x3(x, kernel)
 
 
 def _depthwise_forward(x, kernel):
-    return depthwise_conv3x3(x, kernel), (x, kernel)
-
-
-def _depthwise_backward_by_xla(x, kernel, dy):
-    """dx is the same conv of dy with the kernel flipped; dkernel sums x's shifts times dy."""
-    dx = plain_depthwise_conv3x3(dy, kernel[::-1, ::-1])
-    return dx, depthwise_kernel_gradient(x, dy)[:, :, None, :].astype(kernel.dtype)
-
-
-def _depthwise_backward_by_kernel(x, kernel, dy):
-    dx, taps = cpu_kernels.depthwise_conv3x3_backward(x, kernel, dy)
-    return dx, jnp.sum(taps, axis=0).reshape(kernel.shape).astype(kernel.dtype)
+    return plain_depthwise_conv3x3(x, kernel), (x, kernel)
 
 
 def _depthwise_backward(residuals, dy):
+    """dx is the same conv of dy with the kernel flipped; dkernel sums x's shifts times dy."""
     x, kernel = residuals
-    return cpu_kernels.on_cpu(_depthwise_backward_by_kernel, _depthwise_backward_by_xla, x, kernel, dy)
+    dx = plain_depthwise_conv3x3(dy, kernel[::-1, ::-1])
+    return dx, depthwise_kernel_gradient(x, dy)[:, :, None, :].astype(kernel.dtype)
 
 
 depthwise_conv3x3.defvjp(_depthwise_forward, _depthwise_backward)

@@ -1,15 +1,14 @@
-// The layer attention's depthwise 3x3 convs on the CPU, as XLA FFI handlers: the light
-// families' whole branch (dla_jax.models.layer_attention.light_sum) forward and backward,
-// and the plain depthwise conv (DLA-B's value) forward and backward.
+// The light families' layer-attention branch (dla_jax.models.layer_attention.light_sum) on
+// the CPU, forward and backward, as XLA FFI handlers.
 //
-// XLA:CPU runs these as many memory-bound passes over [B, H, W, C] (padded copies, shifted
+// XLA:CPU runs it as many memory-bound passes over [B, H, W, C] (padded copies, shifted
 // products, two convs of dz, their kernel gradients, per-image sums). Here each image is
 // read once, while it sits in cache, with every result computed in the same loop over its
 // pixels. Images are independent (each writes its own rows, per-image tap sums included),
 // so the batch is split over threads and over devices; the caller sums over images.
 //
 // Forward: z = dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate +
-// dwconv(shortcut, excite_kernel) (refresh) or shortcut; the plain conv: z = dwconv(out).
+// dwconv(shortcut, excite_kernel) (refresh) or shortcut.
 // Backward, for one image (x[h+i-1, w+j-1] is 0 outside the image; tap t = 3i + j):
 //   value_conv[h, w] = Σ_t dz[h+i-1, w+j-1] · value_kernel[8 - t]
 //   excite_conv      the same with excite_kernel
@@ -64,12 +63,10 @@ struct Neighbours {
   }
 };
 
-// `light` false: the depthwise conv alone (DLA-B's value), z = dwconv(out, value_kernel);
-// shortcut, heads, lam and gate are then unused (null).
 template <typename T>
 struct Forward {
   int64_t batch, height, width, channels;
-  bool light, refresh;
+  bool refresh;
   const T *out, *shortcut, *value_kernel, *heads, *lam, *gate, *excite_kernel;
   T* z;
 };
@@ -81,9 +78,9 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
   const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
   const int64_t image = b * H * W * C;
   const T* out = p.out + image;
-  const T* sc = p.light ? p.shortcut + image : nullptr;
-  const T* heads = p.light ? p.heads + b * C : nullptr;
-  const T* gate = p.light ? p.gate + b * C : nullptr;
+  const T* sc = p.shortcut + image;
+  const T* heads = p.heads + b * C;
+  const T* gate = p.gate + b * C;
   T* z = p.z + image;
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t w = 0; w < W; ++w) {
@@ -96,10 +93,6 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
           value += S::Load(out + o) * S::Load(p.value_kernel + n.taps[k] * C + c);
           if (p.refresh) excite += S::Load(sc + o) * S::Load(p.excite_kernel + n.taps[k] * C + c);
         }
-        if (!p.light) {
-          S::Store(z + at + c, value);
-          continue;
-        }
         const Vec previous = p.refresh ? S::Load(sc + at + c) * S::Load(gate + c) + excite : S::Load(sc + at + c);
         S::Store(z + at + c, value * S::Load(heads + c) + S::Load(p.lam + c) * previous);
       }
@@ -107,11 +100,10 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
   }
 }
 
-// `light` false: the depthwise conv alone; only d_out (= value_conv) and value_taps (unscaled).
 template <typename T>
 struct Backward {
   int64_t batch, height, width, channels;
-  bool light, refresh;
+  bool refresh;
   const T *out, *shortcut, *dz, *value_kernel, *heads, *lam, *gate, *excite_kernel;
   T *d_out, *d_shortcut, *value_taps, *excite_taps, *shortcut_dz, *d_heads;
 };
@@ -125,22 +117,18 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
   const T* out = p.out + image;
   const T* dz = p.dz + image;
   T* d_out = p.d_out + image;
+  const T* sc = p.shortcut + image;
+  const T* heads = p.heads + b * C;
+  const T* gate = p.gate + b * C;
+  T* d_sc = p.d_shortcut + image;
   T* value_taps = p.value_taps + b * 9 * C;
+  T* excite_taps = p.excite_taps + b * 9 * C;
+  T* sdz = p.shortcut_dz + b * C;
+  T* dh = p.d_heads + b * C;
   std::fill(value_taps, value_taps + 9 * C, T(0));
-  const T *sc = nullptr, *heads = nullptr, *gate = nullptr;
-  T *d_sc = nullptr, *excite_taps = nullptr, *sdz = nullptr, *dh = nullptr;
-  if (p.light) {
-    sc = p.shortcut + image;
-    heads = p.heads + b * C;
-    gate = p.gate + b * C;
-    d_sc = p.d_shortcut + image;
-    excite_taps = p.excite_taps + b * 9 * C;
-    sdz = p.shortcut_dz + b * C;
-    dh = p.d_heads + b * C;
-    std::fill(excite_taps, excite_taps + 9 * C, T(0));
-    std::fill(sdz, sdz + C, T(0));
-    std::fill(dh, dh + C, T(0));
-  }
+  std::fill(excite_taps, excite_taps + 9 * C, T(0));
+  std::fill(sdz, sdz + C, T(0));
+  std::fill(dh, dh + C, T(0));
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t w = 0; w < W; ++w) {
       Neighbours n(h, w, H, W, C);
@@ -161,10 +149,6 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
             S::Store(et, S::Load(et) + S::Load(sc + o) * g);
           }
         }
-        if (!p.light) {
-          S::Store(d_out + at + c, value_conv);
-          continue;
-        }
         S::Store(d_out + at + c, value_conv * S::Load(heads + c));
         S::Store(dh + c, S::Load(dh + c) + S::Load(out + at + c) * value_conv);
         S::Store(sdz + c, S::Load(sdz + c) + S::Load(sc + at + c) * g);
@@ -173,7 +157,6 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
       }
     }
   }
-  if (!p.light) return;
   for (int t = 0; t < 9; ++t) {
     for (int64_t c = 0; c < C; ++c) value_taps[t * C + c] *= heads[c];
   }
@@ -238,7 +221,7 @@ ffi::Error LightSumForward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortc
                            Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam, bool refresh,
                            ffi::ResultBuffer<D, 4> z) {
   const auto d = out.dimensions();
-  Forward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], true, refresh};
+  Forward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], refresh};
   problem.out = out.typed_data();
   problem.shortcut = shortcut.typed_data();
   problem.heads = heads.typed_data();
@@ -257,7 +240,7 @@ ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> short
                             ffi::ResultBuffer<D, 3> value_taps, ffi::ResultBuffer<D, 3> excite_taps,
                             ffi::ResultBuffer<D, 2> shortcut_dz, ffi::ResultBuffer<D, 2> d_heads) {
   const auto d = out.dimensions();
-  Backward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], true, refresh};
+  Backward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], refresh};
   problem.out = out.typed_data();
   problem.shortcut = shortcut.typed_data();
   problem.dz = dz.typed_data();
@@ -272,29 +255,6 @@ ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> short
   problem.excite_taps = excite_taps->typed_data();
   problem.shortcut_dz = shortcut_dz->typed_data();
   problem.d_heads = d_heads->typed_data();
-  return ForEachImage(pool, d[0], d[3], problem);
-}
-
-template <ffi::DataType D>
-ffi::Error DepthwiseForward(ffi::ThreadPool pool, Image4<D> x, Vectors<D> kernel, ffi::ResultBuffer<D, 4> y) {
-  const auto d = x.dimensions();
-  Forward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], false, false};
-  problem.out = x.typed_data();
-  problem.value_kernel = kernel.typed_data();
-  problem.z = y->typed_data();
-  return ForEachImage(pool, d[0], d[3], problem);
-}
-
-template <ffi::DataType D>
-ffi::Error DepthwiseBackward(ffi::ThreadPool pool, Image4<D> x, Image4<D> dy, Vectors<D> kernel,
-                             ffi::ResultBuffer<D, 4> dx, ffi::ResultBuffer<D, 3> taps) {
-  const auto d = x.dimensions();
-  Backward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], false, false};
-  problem.out = x.typed_data();
-  problem.dz = dy.typed_data();
-  problem.value_kernel = kernel.typed_data();
-  problem.d_out = dx->typed_data();
-  problem.value_taps = taps->typed_data();
   return ForEachImage(pool, d[0], d[3], problem);
 }
 
@@ -334,23 +294,6 @@ auto LightSumBackwardBinding() {
       .template Ret<Vectors<D>>();
 }
 
-template <ffi::DataType D>
-auto DepthwiseForwardBinding() {
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Image4<D>>().template Arg<Vectors<D>>().template Ret<
-      Image4<D>>();
-}
-
-template <ffi::DataType D>
-auto DepthwiseBackwardBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()  // x
-      .template Arg<Image4<D>>()  // dy
-      .template Arg<Vectors<D>>()
-      .template Ret<Image4<D>>()
-      .template Ret<ffi::Buffer<D, 3>>();
-}
-
 }  // namespace
 
 #define DLA_HANDLERS(NAME)                                                                 \
@@ -359,5 +302,3 @@ auto DepthwiseBackwardBinding() {
 
 DLA_HANDLERS(LightSumForward)
 DLA_HANDLERS(LightSumBackward)
-DLA_HANDLERS(DepthwiseForward)
-DLA_HANDLERS(DepthwiseBackward)
