@@ -44,7 +44,6 @@ struct Simd {
   __attribute__((always_inline)) static void Store(T* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 };
 
-
 // The in-image neighbours of pixel (h, w): tap t = 3i + j and the offset of pixel (h+i-1, w+j-1).
 struct Neighbours {
   int taps[9];
@@ -268,7 +267,7 @@ auto LightSumForwardBinding() {
       .template Arg<Vectors<D>>()  // gate
       .template Arg<Vectors<D>>()  // value_kernel
       .template Arg<Vectors<D>>()  // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()
+      .template Arg<ffi::Buffer<D, 1>>()  // lam
       .template Attr<bool>("refresh")
       .template Ret<Image4<D>>();
 }
@@ -284,7 +283,7 @@ auto LightSumBackwardBinding() {
       .template Arg<Vectors<D>>()  // gate
       .template Arg<Vectors<D>>()  // value_kernel
       .template Arg<Vectors<D>>()  // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()
+      .template Arg<ffi::Buffer<D, 1>>()  // lam
       .template Attr<bool>("refresh")
       .template Ret<Image4<D>>()
       .template Ret<Image4<D>>()
