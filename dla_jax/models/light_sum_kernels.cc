@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -62,11 +63,29 @@ struct Neighbours {
   }
 };
 
+// What both directions read: the images (out, shortcut) and the branch's gates and weights.
 template <typename T>
-struct Forward {
+struct Operands {
   int64_t batch, height, width, channels;
   bool refresh;
-  const T *out, *shortcut, *value_kernel, *heads, *lam, *gate, *excite_kernel;
+  const T *out, *shortcut, *heads, *gate, *value_kernel, *excite_kernel, *lam;
+};
+
+// Image b's share of the per-image operands; `image` is its offset in [B, H, W, C] arrays.
+template <typename T>
+struct ImageOperands {
+  int64_t image;
+  const T *out, *shortcut, *heads, *gate;
+  ImageOperands(const Operands<T>& p, int64_t b)
+      : image(b * p.height * p.width * p.channels),
+        out(p.out + image),
+        shortcut(p.shortcut + image),
+        heads(p.heads + b * p.channels),
+        gate(p.gate + b * p.channels) {}
+};
+
+template <typename T>
+struct Forward : Operands<T> {
   T* z;
 };
 
@@ -75,12 +94,9 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
   using S = Simd<T>;
   using Vec = typename S::Vec;
   const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
-  const int64_t image = b * H * W * C;
-  const T* out = p.out + image;
-  const T* sc = p.shortcut + image;
-  const T* heads = p.heads + b * C;
-  const T* gate = p.gate + b * C;
-  T* z = p.z + image;
+  const ImageOperands<T> in(p, b);
+  const T *out = in.out, *sc = in.shortcut, *heads = in.heads, *gate = in.gate;
+  T* z = p.z + in.image;
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t w = 0; w < W; ++w) {
       Neighbours n(h, w, H, W, C);
@@ -100,10 +116,8 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
 }
 
 template <typename T>
-struct Backward {
-  int64_t batch, height, width, channels;
-  bool refresh;
-  const T *out, *shortcut, *dz, *value_kernel, *heads, *lam, *gate, *excite_kernel;
+struct Backward : Operands<T> {
+  const T* dz;
   T *d_out, *d_shortcut, *value_taps, *excite_taps, *shortcut_dz, *d_heads;
 };
 
@@ -112,14 +126,11 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
   using S = Simd<T>;
   using Vec = typename S::Vec;
   const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
-  const int64_t image = b * H * W * C;
-  const T* out = p.out + image;
-  const T* dz = p.dz + image;
-  T* d_out = p.d_out + image;
-  const T* sc = p.shortcut + image;
-  const T* heads = p.heads + b * C;
-  const T* gate = p.gate + b * C;
-  T* d_sc = p.d_shortcut + image;
+  const ImageOperands<T> in(p, b);
+  const T *out = in.out, *sc = in.shortcut, *heads = in.heads, *gate = in.gate;
+  const T* dz = p.dz + in.image;
+  T* d_out = p.d_out + in.image;
+  T* d_sc = p.d_shortcut + in.image;
   T* value_taps = p.value_taps + b * 9 * C;
   T* excite_taps = p.excite_taps + b * 9 * C;
   T* sdz = p.shortcut_dz + b * C;
@@ -174,23 +185,23 @@ DLA_CLONES void Image(const Backward<double>& p, int64_t b) { BackwardBody(p, b)
 template <typename Problem>
 struct Images {
   Problem problem;
-  int64_t batch;
   std::atomic<int64_t> next{0};
   int64_t done = 0;
   std::mutex mutex;
   std::condition_variable finished;
 
   void Work() {
-    for (int64_t b; (b = next.fetch_add(1)) < batch;) {
+    for (int64_t b; (b = next.fetch_add(1)) < problem.batch;) {
       Image(problem, b);
       std::lock_guard<std::mutex> lock(mutex);
-      if (++done == batch) finished.notify_all();
+      if (++done == problem.batch) finished.notify_all();
     }
   }
 };
 
 template <typename Problem>
-ffi::Error ForEachImage(ffi::ThreadPool& pool, int64_t batch, int64_t channels, const Problem& problem) {
+ffi::Error ForEachImage(ffi::ThreadPool& pool, const Problem& problem) {
+  const int64_t batch = problem.batch, channels = problem.channels;
   using T = std::remove_const_t<std::remove_pointer_t<decltype(problem.out)>>;
   if (channels % Simd<T>::kLanes != 0) {
     return ffi::Error::InvalidArgument("dla_jax light_sum kernel: channels must be a multiple of the vector width");
@@ -198,7 +209,6 @@ ffi::Error ForEachImage(ffi::ThreadPool& pool, int64_t batch, int64_t channels, 
   if (batch == 0) return ffi::Error::Success();
   auto images = std::make_shared<Images<Problem>>();
   images->problem = problem;
-  images->batch = batch;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), batch) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([images] { images->Work(); });
   images->Work();
@@ -216,20 +226,31 @@ using Vectors = ffi::Buffer<D, 2>;
 // then the shared ones ([9, C] kernels, tap t = 3i + j, and [C] vectors).
 
 template <ffi::DataType D>
+Operands<ffi::NativeType<D>> Read(Image4<D> out, Image4<D> shortcut, Vectors<D> heads, Vectors<D> gate,
+                                  Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
+                                  bool refresh) {
+  const auto d = out.dimensions();
+  return {d[0],
+          d[1],
+          d[2],
+          d[3],
+          refresh,
+          out.typed_data(),
+          shortcut.typed_data(),
+          heads.typed_data(),
+          gate.typed_data(),
+          value_kernel.typed_data(),
+          excite_kernel.typed_data(),
+          lam.typed_data()};
+}
+
+template <ffi::DataType D>
 ffi::Error LightSumForward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Vectors<D> heads, Vectors<D> gate,
                            Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam, bool refresh,
                            ffi::ResultBuffer<D, 4> z) {
-  const auto d = out.dimensions();
-  Forward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], refresh};
-  problem.out = out.typed_data();
-  problem.shortcut = shortcut.typed_data();
-  problem.heads = heads.typed_data();
-  problem.gate = gate.typed_data();
-  problem.value_kernel = value_kernel.typed_data();
-  problem.excite_kernel = excite_kernel.typed_data();
-  problem.lam = lam.typed_data();
-  problem.z = z->typed_data();
-  return ForEachImage(pool, d[0], d[3], problem);
+  const Forward<ffi::NativeType<D>> problem{
+      {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)}, z->typed_data()};
+  return ForEachImage(pool, problem);
 }
 
 template <ffi::DataType D>
@@ -238,59 +259,50 @@ ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> short
                             bool refresh, ffi::ResultBuffer<D, 4> d_out, ffi::ResultBuffer<D, 4> d_shortcut,
                             ffi::ResultBuffer<D, 3> value_taps, ffi::ResultBuffer<D, 3> excite_taps,
                             ffi::ResultBuffer<D, 2> shortcut_dz, ffi::ResultBuffer<D, 2> d_heads) {
-  const auto d = out.dimensions();
-  Backward<ffi::NativeType<D>> problem{d[0], d[1], d[2], d[3], refresh};
-  problem.out = out.typed_data();
-  problem.shortcut = shortcut.typed_data();
-  problem.dz = dz.typed_data();
-  problem.heads = heads.typed_data();
-  problem.gate = gate.typed_data();
-  problem.value_kernel = value_kernel.typed_data();
-  problem.excite_kernel = excite_kernel.typed_data();
-  problem.lam = lam.typed_data();
-  problem.d_out = d_out->typed_data();
-  problem.d_shortcut = d_shortcut->typed_data();
-  problem.value_taps = value_taps->typed_data();
-  problem.excite_taps = excite_taps->typed_data();
-  problem.shortcut_dz = shortcut_dz->typed_data();
-  problem.d_heads = d_heads->typed_data();
-  return ForEachImage(pool, d[0], d[3], problem);
+  const Backward<ffi::NativeType<D>> problem{
+      {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)},
+      dz.typed_data(),
+      d_out->typed_data(),
+      d_shortcut->typed_data(),
+      value_taps->typed_data(),
+      excite_taps->typed_data(),
+      shortcut_dz->typed_data(),
+      d_heads->typed_data()};
+  return ForEachImage(pool, problem);
+}
+
+// Binds the operands both handlers take after their images: the [B, C] vectors, then the shared ones.
+template <ffi::DataType D, typename Binding>
+auto WithGatesAndWeights(Binding&& binding) {
+  return std::move(binding)
+      .template Arg<Vectors<D>>()  // heads
+      .template Arg<Vectors<D>>()  // gate
+      .template Arg<Vectors<D>>()  // value_kernel
+      .template Arg<Vectors<D>>()  // excite_kernel
+      .template Arg<ffi::Buffer<D, 1>>()  // lam
+      .template Attr<bool>("refresh");
 }
 
 template <ffi::DataType D>
 auto LightSumForwardBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()   // out
-      .template Arg<Image4<D>>()   // shortcut
-      .template Arg<Vectors<D>>()  // heads
-      .template Arg<Vectors<D>>()  // gate
-      .template Arg<Vectors<D>>()  // value_kernel
-      .template Arg<Vectors<D>>()  // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()  // lam
-      .template Attr<bool>("refresh")
-      .template Ret<Image4<D>>();
+  auto images = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Image4<D>>().template Arg<Image4<D>>();
+  return WithGatesAndWeights<D>(std::move(images)).template Ret<Image4<D>>();  // out, shortcut -> z
 }
 
 template <ffi::DataType D>
 auto LightSumBackwardBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()   // out
-      .template Arg<Image4<D>>()   // shortcut
-      .template Arg<Image4<D>>()   // dz
-      .template Arg<Vectors<D>>()  // heads
-      .template Arg<Vectors<D>>()  // gate
-      .template Arg<Vectors<D>>()  // value_kernel
-      .template Arg<Vectors<D>>()  // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()  // lam
-      .template Attr<bool>("refresh")
-      .template Ret<Image4<D>>()
-      .template Ret<Image4<D>>()
-      .template Ret<ffi::Buffer<D, 3>>()
-      .template Ret<ffi::Buffer<D, 3>>()
-      .template Ret<Vectors<D>>()
-      .template Ret<Vectors<D>>();
+  auto images = ffi::Ffi::Bind()
+                    .Ctx<ffi::ThreadPool>()
+                    .template Arg<Image4<D>>()   // out
+                    .template Arg<Image4<D>>()   // shortcut
+                    .template Arg<Image4<D>>();  // dz
+  return WithGatesAndWeights<D>(std::move(images))
+      .template Ret<Image4<D>>()          // d_out
+      .template Ret<Image4<D>>()          // d_shortcut
+      .template Ret<ffi::Buffer<D, 3>>()  // value_taps
+      .template Ret<ffi::Buffer<D, 3>>()  // excite_taps
+      .template Ret<Vectors<D>>()         // shortcut_dz
+      .template Ret<Vectors<D>>();        // d_heads
 }
 
 }  // namespace
