@@ -90,6 +90,12 @@ def _per_sample(vector: jax.Array, dtype) -> jax.Array:
     return vector[:, None, None, :].astype(dtype)
 
 
+def _gate_and_excite_kernel(heads, value_kernel, refresh):
+    """DLA-L's refresh (gate, excite_kernel); for MRLA-light same-shaped stand-ins that are never read,
+    so that both families call the same two-direction code (and CPU kernel signatures)."""
+    return (heads, value_kernel) if refresh is None else refresh
+
+
 def _light_sum_by_xla(out, shortcut, value_kernel, heads, lam, gate, excite_kernel, *, refresh):
     previous = shortcut
     if refresh:
@@ -103,7 +109,7 @@ def _light_sum_by_kernel(out, shortcut, value_kernel, heads, lam, gate, excite_k
 
 
 def _light_sum(out, shortcut, value_kernel, heads, lam, refresh):
-    gate, excite_kernel = (heads, value_kernel) if refresh is None else refresh
+    gate, excite_kernel = _gate_and_excite_kernel(heads, value_kernel, refresh)
     by_kernel = functools.partial(_light_sum_by_kernel, refresh=refresh is not None)
     by_xla = functools.partial(_light_sum_by_xla, refresh=refresh is not None)
     return cpu_kernels.on_cpu(by_kernel, by_xla, out, shortcut, value_kernel, heads, lam, gate, excite_kernel)
@@ -176,7 +182,7 @@ def _backward_parts(out, shortcut, dz, heads, gate, value_kernel, excite_kernel,
 
 def _light_sum_backward(residuals, dz):
     out, shortcut, value_kernel, heads, lam, refresh = residuals
-    gate, excite_kernel = (heads, value_kernel) if refresh is None else refresh
+    gate, excite_kernel = _gate_and_excite_kernel(heads, value_kernel, refresh)
     d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads = _backward_parts(
         out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh is not None
     )
