@@ -14,6 +14,8 @@ import pytest
 from dla_jax.convert import from_torch_state_dict
 from dla_jax.models import FAMILIES, cpu_kernels, create_model, stack_blocks, unstack_blocks
 from dla_jax.models.layer_attention import (
+    _channel_conv1d_by_band,
+    _channel_conv1d_by_shifts,
     channel_conv1d,
     hand_back_final_values,
     light_sum,
@@ -337,18 +339,16 @@ def test_relu_from_output_and_its_gradient_equal_jax_relu():
     assert (jax.grad(lambda x: jnp.sum(relu_from_output(x)))(x)[-8:] == 0).all()
 
 
-def test_channel_conv1d_and_its_gradients_equal_shifted_adds():
-    """The q/k projection as a banded matrix product equals torch's zero-padded Conv1d along C."""
-
-    def shifted_adds(y, kernel):
-        pad = (kernel.shape[0] - 1) // 2
-        padded = jnp.pad(y, ((0, 0), (pad, pad)))
-        return sum(kernel[i] * padded[:, i : i + y.shape[-1]] for i in range(kernel.shape[0]))
-
+def test_channel_conv1d_equals_torch_conv1d_along_channels():
+    """Both ways of the q/k projection (the CPU's banded matrix product, the shifted adds
+    other backends run) equal torch's zero-padded Conv1d along C, and so do their gradients."""
     for size in (3, 5):
         y = jax.random.normal(jax.random.key(size), (4, 64))
         kernel = jax.random.normal(jax.random.key(size + 1), (size,))
-        assert_values_and_gradients_close(channel_conv1d, shifted_adds, y, kernel)
+        expected = np.stack([np.correlate(row, np.asarray(kernel), "same") for row in np.asarray(y)])
+        for implementation in (channel_conv1d, _channel_conv1d_by_band, _channel_conv1d_by_shifts):
+            np.testing.assert_allclose(implementation(y, kernel), expected, rtol=1e-5, atol=1e-5)
+        assert_values_and_gradients_close(_channel_conv1d_by_shifts, _channel_conv1d_by_band, y, kernel)
 
 
 def cpu_kernel_calls(function, *args) -> set[str]:
