@@ -45,23 +45,33 @@ struct Simd {
   __attribute__((always_inline)) static void Store(T* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 };
 
-// The in-image neighbours of pixel (h, w): tap t = 3i + j and the offset of pixel (h+i-1, w+j-1).
-struct Neighbours {
-  int taps[9];
-  int64_t offsets[9];
-  int count = 0;
-  Neighbours(int64_t h, int64_t w, int64_t H, int64_t W, int64_t C) {
-    for (int i = 0; i < 3; ++i) {
-      for (int j = 0; j < 3; ++j) {
-        const int64_t hh = h + i - 1, ww = w + j - 1;
-        if (hh < 0 || hh >= H || ww < 0 || ww >= W) continue;
-        taps[count] = 3 * i + j;
-        offsets[count] = (hh * W + ww) * C;
-        ++count;
+// Calls visit(t, offset) for each neighbour (h+i-1, w+j-1) of pixel (h, w) inside the image:
+// tap t = 3i + j and the neighbour's offset from the pixel. For interior pixels (kBorder
+// false) the nine calls unroll with constant taps and offsets, so kernels stay in registers.
+template <bool kBorder, typename Visit>
+__attribute__((always_inline)) inline void ForNeighbours(int64_t h, int64_t w, int64_t H, int64_t W, int64_t C,
+                                                         Visit&& visit) {
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      if (kBorder && (h + i - 1 < 0 || h + i - 1 >= H || w + j - 1 < 0 || w + j - 1 >= W)) continue;
+      visit(3 * i + j, ((i - 1) * W + (j - 1)) * C);
+    }
+  }
+}
+
+// Calls pixel(border, h, w) for every pixel, border a std::bool_constant: true on the image's edge.
+template <typename Pixel>
+__attribute__((always_inline)) inline void ForPixels(int64_t H, int64_t W, Pixel&& pixel) {
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      if (h > 0 && h < H - 1 && w > 0 && w < W - 1) {
+        pixel(std::false_type{}, h, w);
+      } else {
+        pixel(std::true_type{}, h, w);
       }
     }
   }
-};
+}
 
 // What both directions read: the images (out, shortcut) and the branch's gates and weights.
 template <typename T>
@@ -89,30 +99,27 @@ struct Forward : Operands<T> {
   T* z;
 };
 
-template <typename T>
+// Pixel by pixel, all channels of a pixel together: the image is read in order.
+template <typename T, bool kRefresh>
 __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int64_t b) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
   const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
   const ImageOperands<T> in(p, b);
-  const T *out = in.out, *sc = in.shortcut, *heads = in.heads, *gate = in.gate;
   T* z = p.z + in.image;
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t w = 0; w < W; ++w) {
-      Neighbours n(h, w, H, W, C);
-      const int64_t at = (h * W + w) * C;
-      for (int64_t c = 0; c < C; c += L) {
-        Vec value = {}, excite = {};
-        for (int k = 0; k < n.count; ++k) {
-          const int64_t o = n.offsets[k] + c;
-          value += S::Load(out + o) * S::Load(p.value_kernel + n.taps[k] * C + c);
-          if (p.refresh) excite += S::Load(sc + o) * S::Load(p.excite_kernel + n.taps[k] * C + c);
-        }
-        const Vec previous = p.refresh ? S::Load(sc + at + c) * S::Load(gate + c) + excite : S::Load(sc + at + c);
-        S::Store(z + at + c, value * S::Load(heads + c) + S::Load(p.lam + c) * previous);
-      }
+  ForPixels(H, W, [&](auto border, int64_t h, int64_t w) {
+    for (int64_t c = 0; c < C; c += L) {
+      const int64_t at = (h * W + w) * C + c;
+      Vec value = {}, excite = {};
+      ForNeighbours<decltype(border)::value>(h, w, H, W, C, [&](int t, int64_t offset) {
+        value += S::Load(in.out + at + offset) * S::Load(p.value_kernel + t * C + c);
+        if (kRefresh) excite += S::Load(in.shortcut + at + offset) * S::Load(p.excite_kernel + t * C + c);
+      });
+      const Vec shortcut = S::Load(in.shortcut + at);
+      const Vec previous = kRefresh ? shortcut * S::Load(in.gate + c) + excite : shortcut;
+      S::Store(z + at, value * S::Load(in.heads + c) + S::Load(p.lam + c) * previous);
     }
-  }
+  });
 }
 
 template <typename T>
@@ -121,63 +128,66 @@ struct Backward : Operands<T> {
   T *d_out, *d_shortcut, *value_taps, *excite_taps, *shortcut_dz, *d_heads;
 };
 
-template <typename T>
+// One channel vector at a time over the whole image, its kernels' taps and tap sums held in registers.
+template <typename T, bool kRefresh>
 __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, int64_t b) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
   const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
   const ImageOperands<T> in(p, b);
-  const T *out = in.out, *sc = in.shortcut, *heads = in.heads, *gate = in.gate;
+  const T *out = in.out, *sc = in.shortcut;
   const T* dz = p.dz + in.image;
   T* d_out = p.d_out + in.image;
   T* d_sc = p.d_shortcut + in.image;
-  T* value_taps = p.value_taps + b * 9 * C;
-  T* excite_taps = p.excite_taps + b * 9 * C;
-  T* sdz = p.shortcut_dz + b * C;
-  T* dh = p.d_heads + b * C;
-  std::fill(value_taps, value_taps + 9 * C, T(0));
-  std::fill(excite_taps, excite_taps + 9 * C, T(0));
-  std::fill(sdz, sdz + C, T(0));
-  std::fill(dh, dh + C, T(0));
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t w = 0; w < W; ++w) {
-      Neighbours n(h, w, H, W, C);
-      const int64_t at = (h * W + w) * C;
-      for (int64_t c = 0; c < C; c += L) {
-        Vec value_conv = {}, excite_conv = {};
-        const Vec g = S::Load(dz + at + c);
-        for (int k = 0; k < n.count; ++k) {
-          const int t = n.taps[k];
-          const int64_t o = n.offsets[k] + c;
-          const Vec neighbour = S::Load(dz + o);
-          value_conv += neighbour * S::Load(p.value_kernel + (8 - t) * C + c);
-          T* vt = value_taps + t * C + c;
-          S::Store(vt, S::Load(vt) + S::Load(out + o) * g);
-          if (p.refresh) {
-            excite_conv += neighbour * S::Load(p.excite_kernel + (8 - t) * C + c);
-            T* et = excite_taps + t * C + c;
-            S::Store(et, S::Load(et) + S::Load(sc + o) * g);
-          }
-        }
-        S::Store(d_out + at + c, value_conv * S::Load(heads + c));
-        S::Store(dh + c, S::Load(dh + c) + S::Load(out + at + c) * value_conv);
-        S::Store(sdz + c, S::Load(sdz + c) + S::Load(sc + at + c) * g);
-        const Vec lam = S::Load(p.lam + c);
-        S::Store(d_sc + at + c, p.refresh ? (g * S::Load(gate + c) + excite_conv) * lam : g * lam);
-      }
+  for (int64_t c = 0; c < C; c += L) {
+    Vec value_kernel[9], excite_kernel[9], value_taps[9] = {}, excite_taps[9] = {};
+    for (int t = 0; t < 9; ++t) {  // flipped: the convs of dz are the forward convs' adjoints
+      value_kernel[t] = S::Load(p.value_kernel + (8 - t) * C + c);
+      excite_kernel[t] = kRefresh ? S::Load(p.excite_kernel + (8 - t) * C + c) : Vec{};
     }
-  }
-  for (int t = 0; t < 9; ++t) {
-    for (int64_t c = 0; c < C; ++c) value_taps[t * C + c] *= heads[c];
+    const Vec heads = S::Load(in.heads + c), gate = S::Load(in.gate + c), lam = S::Load(p.lam + c);
+    Vec shortcut_dz = {}, d_heads = {};
+    ForPixels(H, W, [&](auto border, int64_t h, int64_t w) {
+      const int64_t at = (h * W + w) * C + c;
+      const Vec g = S::Load(dz + at);
+      Vec value_conv = {}, excite_conv = {};
+      ForNeighbours<decltype(border)::value>(h, w, H, W, C, [&](int t, int64_t offset) {
+        const Vec neighbour = S::Load(dz + at + offset);
+        value_conv += neighbour * value_kernel[t];
+        value_taps[t] += S::Load(out + at + offset) * g;
+        if (kRefresh) {
+          excite_conv += neighbour * excite_kernel[t];
+          excite_taps[t] += S::Load(sc + at + offset) * g;
+        }
+      });
+      S::Store(d_out + at, value_conv * heads);
+      d_heads += S::Load(out + at) * value_conv;
+      shortcut_dz += S::Load(sc + at) * g;
+      S::Store(d_sc + at, kRefresh ? (g * gate + excite_conv) * lam : g * lam);
+    });
+    for (int t = 0; t < 9; ++t) {
+      S::Store(p.value_taps + (b * 9 + t) * C + c, value_taps[t] * heads);
+      S::Store(p.excite_taps + (b * 9 + t) * C + c, excite_taps[t]);
+    }
+    S::Store(p.shortcut_dz + b * C + c, shortcut_dz);
+    S::Store(p.d_heads + b * C + c, d_heads);
   }
 }
 
 // One clone per instruction set, picked at load time, so the build stays portable.
 #define DLA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-DLA_CLONES void Image(const Forward<float>& p, int64_t b) { ForwardBody(p, b); }
-DLA_CLONES void Image(const Forward<double>& p, int64_t b) { ForwardBody(p, b); }
-DLA_CLONES void Image(const Backward<float>& p, int64_t b) { BackwardBody(p, b); }
-DLA_CLONES void Image(const Backward<double>& p, int64_t b) { BackwardBody(p, b); }
+DLA_CLONES void Image(const Forward<float>& p, int64_t b) {
+  p.refresh ? ForwardBody<float, true>(p, b) : ForwardBody<float, false>(p, b);
+}
+DLA_CLONES void Image(const Forward<double>& p, int64_t b) {
+  p.refresh ? ForwardBody<double, true>(p, b) : ForwardBody<double, false>(p, b);
+}
+DLA_CLONES void Image(const Backward<float>& p, int64_t b) {
+  p.refresh ? BackwardBody<float, true>(p, b) : BackwardBody<float, false>(p, b);
+}
+DLA_CLONES void Image(const Backward<double>& p, int64_t b) {
+  p.refresh ? BackwardBody<double, true>(p, b) : BackwardBody<double, false>(p, b);
+}
 
 // Hands images to whichever of XLA's threads are free. The caller takes images too and
 // returns once every image is done; a helper that starts later finds none left and
