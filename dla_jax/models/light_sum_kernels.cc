@@ -47,7 +47,7 @@ struct Simd {
 
 // Calls visit(t, offset) for each neighbour (h+i-1, w+j-1) of pixel (h, w) inside the image:
 // tap t = 3i + j and the neighbour's offset from the pixel. For interior pixels (kBorder
-// false) the nine calls unroll with constant taps and offsets, so kernels stay in registers.
+// false) the nine calls unroll with constant taps and offsets.
 template <bool kBorder, typename Visit>
 __attribute__((always_inline)) inline void ForNeighbours(int64_t h, int64_t w, int64_t H, int64_t W, int64_t C,
                                                          Visit&& visit) {
