@@ -127,6 +127,26 @@ def test_saving_the_attention_branch_equals_recomputing_it(family):
         chex.assert_trees_all_close(saved_stats, stats, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
+def test_the_cpu_kernels_train_the_model_as_xla_ops_do(family, monkeypatch):
+    """With the light branch on the CPU kernels, the whole model in training has XLA's
+    logits, gradients and BN statistics (float64)."""
+    with jax.enable_x64(True):
+        model = create_model(family, layout="cifar", depth=11, num_classes=10, dtype=jnp.float64)
+        variables, images = _init(model, size=16)
+        variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables)
+        images = images.astype(jnp.float64)
+        train_logits = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]  # noqa: E731
+        assert cpu_kernel_calls(train_logits, images) == {"LightSumForwardF64", "LightSumBackwardF64"}
+        grads, (logits, stats) = _loss_and_stats(model, variables, images)
+        monkeypatch.setattr(cpu_kernels, "supports", lambda dtype, channels: False)
+        assert not cpu_kernel_calls(train_logits, images)
+        xla_grads, (xla_logits, xla_stats) = _loss_and_stats(model, variables, images)
+        chex.assert_trees_all_close(logits, xla_logits, rtol=1e-10, atol=1e-10)
+        chex.assert_trees_all_close(grads, xla_grads, rtol=1e-8, atol=1e-10)
+        chex.assert_trees_all_close(stats, xla_stats, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["dla_l", "dla_b"])
 def test_per_sample_logits_do_not_depend_on_the_batch(family):
     # The official weights of the parity fixture: BN statistics far from trivial.
