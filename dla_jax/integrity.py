@@ -45,7 +45,8 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 _fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
 
 
-def _path(path) -> str:
+def path_name(path: tuple) -> str:
+    """A pytree key path as 'params/stage_0/.../kernel' (dict keys, attribute names, sequence indices)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -53,7 +54,7 @@ def fingerprints(tree: Any) -> dict[str, str]:
     """`{'params/stage_0/.../kernel': '1f3a09c2', ...}`: 8 hex digits per array of `tree`."""
     sums = jax.device_get(_fingerprints(tree))
     flat = jax.tree_util.tree_flatten_with_path(sums)[0]
-    return {_path(path): f"{int(value):08x}" for path, value in flat}
+    return {path_name(path): f"{int(value):08x}" for path, value in flat}
 
 
 def changed_arrays(tree: Any, expected: dict[str, str]) -> list[str]:

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from dla_jax.integrity import UnreadableError, describe_changes, fingerprints, restore_or_explain
+from dla_jax.integrity import UnreadableError, describe_changes, fingerprints, path_name, restore_or_explain
 from dla_jax.train.state import TrainState
 
 
@@ -35,7 +35,7 @@ class CheckpointCorruptError(CheckpointError):
 def param_shapes(params: Any) -> dict[str, list[int]]:
     """`{'stage0/block1/conv1/kernel': [3, 3, 16, 16], ...}` for every parameter."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape) for path, leaf in flat}
+    return {path_name(path): list(leaf.shape) for path, leaf in flat}
 
 
 def run_metadata(config: ml_collections.ConfigDict, data_info: dict[str, Any], params: Any) -> dict[str, Any]:
