@@ -94,12 +94,14 @@ def supports(dtype: Any, channels: int) -> bool:
     return dtype in _SUFFIXES and channels % (VECTOR_BYTES // dtype.itemsize) == 0 and available()
 
 
-def on_cpu(by_kernel: Callable, by_xla: Callable, *inputs: Any) -> Any:
-    """by_kernel(*inputs) on the CPU where the kernels take the first input's dtype and width, else by_xla.
+def on_cpu(by_kernel: Callable, by_xla: Callable, *inputs: Any, **options: Any) -> Any:
+    """by_kernel(*inputs, **options) on the CPU where the kernels take the first input's dtype and
+    width, else by_xla(*inputs, **options); `options` are static (not traced).
 
     Decided at trace time: the default backend must be the CPU and the kernels built; then
     `platform_dependent` still lowers by_xla for any other platform.
     """
+    by_kernel, by_xla = (functools.partial(branch, **options) for branch in (by_kernel, by_xla))
     first = inputs[0]
     if jax.default_backend() != "cpu" or not supports(first.dtype, first.shape[-1]):
         return by_xla(*inputs)

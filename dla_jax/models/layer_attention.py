@@ -122,9 +122,8 @@ def _light_sum_by_kernel(out, shortcut, value_kernel, heads, lam, gate, excite_k
 
 def _light_sum(out, shortcut, value_kernel, heads, lam, refresh):
     gate, excite_kernel = _gate_and_excite_kernel(heads, value_kernel, refresh)
-    by_kernel = functools.partial(_light_sum_by_kernel, refresh=refresh is not None)
-    by_xla = functools.partial(_light_sum_by_xla, refresh=refresh is not None)
-    return cpu_kernels.on_cpu(by_kernel, by_xla, out, shortcut, value_kernel, heads, lam, gate, excite_kernel)
+    inputs = (out, shortcut, value_kernel, heads, lam, gate, excite_kernel)
+    return cpu_kernels.on_cpu(_light_sum_by_kernel, _light_sum_by_xla, *inputs, refresh=refresh is not None)
 
 
 @jax.custom_vjp
@@ -187,9 +186,8 @@ def _backward_parts_by_kernel(out, shortcut, dz, heads, gate, value_kernel, exci
 
 def _backward_parts(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh):
     """(d_out, d_shortcut, value kernel taps, excite kernel taps or None, Σ_hw shortcut·dz, d_heads)."""
-    by_kernel = functools.partial(_backward_parts_by_kernel, refresh=refresh)
-    by_xla = functools.partial(_backward_parts_by_xla, refresh=refresh)
-    return cpu_kernels.on_cpu(by_kernel, by_xla, out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam)
+    inputs = (out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam)
+    return cpu_kernels.on_cpu(_backward_parts_by_kernel, _backward_parts_by_xla, *inputs, refresh=refresh)
 
 
 def _light_sum_backward(residuals, dz):
