@@ -180,8 +180,9 @@ def _backward_parts_by_kernel(out, shortcut, dz, heads, gate, value_kernel, exci
     d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads = cpu_kernels.light_sum_backward(
         out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh
     )
-    value_taps, excite_taps = (jnp.sum(taps, axis=0).reshape(3, 3, -1) for taps in (value_taps, excite_taps))
-    return d_out, d_shortcut, value_taps, excite_taps if refresh else None, shortcut_dz, d_heads
+    value_taps = jnp.sum(value_taps, axis=0).reshape(3, 3, -1)
+    excite_taps = jnp.sum(excite_taps, axis=0).reshape(3, 3, -1) if refresh else None  # MRLA-light's are zeros
+    return d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads
 
 
 def _backward_parts(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh):
