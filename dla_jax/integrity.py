@@ -47,7 +47,7 @@ _fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
 
 def path_name(path: tuple) -> str:
     """A pytree key path as 'params/stage_0/.../kernel' (dict keys, attribute names, sequence indices)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def fingerprints(tree: Any) -> dict[str, str]:
