@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import chex
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dla_jax.models.layer_attention import light_sum
+from dla_jax.models.layer_attention import light_sum, light_sum_batch_norm
+from dla_jax.models.layers import batch_norm
 
 from light_sum_cases import composed_light_sum, light_sum_inputs
 
@@ -23,7 +26,8 @@ import warnings
 warnings.simplefilter("default")
 import jax, jax.numpy as jnp
 from dla_jax.models import cpu_kernels
-from dla_jax.models.layer_attention import light_sum
+from dla_jax.models.layer_attention import light_sum, light_sum_batch_norm
+from dla_jax.models.layers import batch_norm
 from light_sum_cases import composed_light_sum, light_sum_inputs
 args = light_sum_inputs("dla_l", channels=32)
 grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(*args)
@@ -61,23 +65,37 @@ def test_without_a_compiler_xla_ops_give_the_same_gradients_and_one_warning(tmp_
     assert not list(tmp_path.glob("*.so"))
 
 
-def test_on_a_mesh_each_device_runs_its_own_images():
+def _batch_normalized(function):
+    """function's output through a training BatchNorm (fixed scale and bias): y, mean and variance in one vector."""
+    scale, bias = jnp.linspace(0.5, 2.0, 32), jnp.linspace(-1.0, 1.0, 32)
+    if function is light_sum:
+        return lambda *a: jnp.concatenate([part.ravel() for part in light_sum_batch_norm(*a, scale, bias, 1e-5)])
+    return lambda *a: jnp.concatenate([part.ravel() for part in batch_norm(function(*a), scale, bias, 1e-5)])
+
+
+@pytest.mark.parametrize("batch_normalized", [False, True])
+def test_on_a_mesh_each_device_runs_its_own_images(batch_normalized):
     """Under `jax.set_mesh` the kernels see each device's share of the batch (no gather of
-    the batch), and the gradients equal those of the composition on one device."""
+    the batch), and the gradients equal those of the composition on one device; fused with
+    the BatchNorm too, whose statistics and sums are then reduced over the devices (XLA may
+    gather its per-channel vectors)."""
     args = light_sum_inputs("dla_l", channels=32)
     args = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:2]]) if leaf.shape[0] == 6 else leaf, args)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     batch = NamedSharding(mesh, P(("data", "fsdp")))
     sharded = jax.tree.map(lambda leaf: jax.device_put(leaf, batch) if leaf.shape[0] == 8 else leaf, args)
+    ours, reference = (_batch_normalized(f) if batch_normalized else f for f in (light_sum, composed_light_sum))
 
     def grads(function):
         return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(function(*a))), argnums=(0, 1, 2, 3, 4, 5)))
 
     with jax.set_mesh(mesh):
-        compiled = grads(light_sum).lower(*sharded).compile()
+        compiled = grads(ours).lower(*sharded).compile()
         ours = compiled(*sharded)
     kernel_calls = [line for line in compiled.as_text().splitlines() if 'custom_call_target="dla_jax_LightSum' in line]
-    assert len(kernel_calls) == 2
-    assert all("f32[1,5,7,32]" in line.split("custom-call(")[0] for line in kernel_calls), kernel_calls
-    assert "all-gather" not in compiled.as_text()
-    chex.assert_trees_all_close(ours, grads(composed_light_sum)(*args), rtol=1e-5, atol=1e-4)
+    assert len(kernel_calls) == (3 if batch_normalized else 2)
+    results = [line.split(" custom-call(")[0].split(" = ")[1] for line in kernel_calls]
+    assert all(set(re.findall(r"f32\[(\d+),", shapes)) == {"1"} for shapes in results), results  # one image each
+    gathered = re.findall(r"= f32\[([\d,]*)\]\S* all-gather\(", compiled.as_text())
+    assert all("," not in shape for shape in gathered), gathered  # per-channel vectors at most, never images
+    chex.assert_trees_all_close(ours, grads(reference)(*args), rtol=1e-5, atol=1e-4)

@@ -19,6 +19,7 @@ from dla_jax.models.layer_attention import (
     channel_conv1d,
     hand_back_final_values,
     light_sum,
+    light_sum_batch_norm,
     weighted_values,
     weighted_values_saving_nothing,
 )
@@ -129,15 +130,16 @@ def test_saving_the_attention_branch_equals_recomputing_it(family):
 
 @pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
 def test_the_cpu_kernels_train_the_model_as_xla_ops_do(family, monkeypatch):
-    """With the light branch on the CPU kernels, the whole model in training has XLA's
-    logits, gradients and BN statistics (float64)."""
+    """With the light branch and its BatchNorm on the CPU kernels, the whole model in training
+    has XLA's logits, gradients and BN statistics (float64)."""
     with jax.enable_x64(True):
         model = create_model(family, layout="cifar", depth=11, num_classes=10, dtype=jnp.float64)
         variables, images = _init(model, size=16)
         variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables)
         images = images.astype(jnp.float64)
         train_logits = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]  # noqa: E731
-        assert cpu_kernel_calls(train_logits, images) == {"LightSumForwardF64", "LightSumBackwardF64"}
+        kernels = {"LightSumForwardF64", "LightSumGradientSumsF64", "LightSumBackwardF64"}
+        assert cpu_kernel_calls(train_logits, images) == kernels
         grads, (logits, stats) = _loss_and_stats(model, variables, images)
         monkeypatch.setattr(cpu_kernels, "supports", lambda dtype, channels: False)
         assert not cpu_kernel_calls(train_logits, images)
@@ -343,13 +345,15 @@ def test_batch_norm_and_its_gradients_equal_autodiff_of_the_formula():
         var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
         return (x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
 
-    def flat(norm):
-        return lambda x, scale, bias: jnp.concatenate([part.ravel() for part in norm(x, scale, bias)])
-
     x = 3 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) + 1
     scale, bias = (jax.random.normal(jax.random.key(seed), (7,)) for seed in (1, 2))
-    ours = flat(lambda x, scale, bias: batch_norm(x, scale, bias, 1e-5))
-    assert_values_and_gradients_close(ours, flat(formula), x, scale, bias, gradient_atol=1e-4)
+    ours = _flat(lambda x, scale, bias: batch_norm(x, scale, bias, 1e-5))
+    assert_values_and_gradients_close(ours, _flat(formula), x, scale, bias, gradient_atol=1e-4)
+
+
+def _flat(function):
+    """function's outputs raveled into one vector (so that one gradient covers them all)."""
+    return lambda *args: jnp.concatenate([part.ravel() for part in function(*args)])
 
 
 def test_relu_from_output_and_its_gradient_equal_jax_relu():
@@ -405,6 +409,35 @@ def test_light_sum_kernels_in_float64_and_narrow_channels_fall_back(family):
     args = light_sum_inputs(family, channels=8)
     assert not cpu_kernel_calls(light_sum, *args)
     assert_values_and_gradients_close(light_sum, composed_light_sum, *args, gradient_atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("path", ["cpu_kernels", "xla"])
+@pytest.mark.parametrize("family", ["mrla_l", "dla_l"])
+def test_light_sum_batch_norm_equals_batch_norm_of_the_composition(family, path, dtype, monkeypatch):
+    """The light branch fused with its training BatchNorm (statistics from the forward kernel's
+    per-image ones; backward, z recomputed and dz formed inside the kernels) equals `batch_norm`
+    of the autodiff composition in float64: y, the batch mean and variance, and their gradients
+    (in float64 to 1e-10; in float32 to 1e-4 of each one's largest value)."""
+    if path == "xla":
+        monkeypatch.setattr(cpu_kernels, "supports", lambda dtype, channels: False)
+    with jax.enable_x64(True):
+        out, *rest = light_sum_inputs(family, channels=32, dtype=jnp.float64)
+        scale, bias = (jax.random.normal(jax.random.key(seed), (32,), jnp.float64) for seed in (1, 2))
+        exact = (out / 4 + 2, *rest, scale, bias)  # mean far from 0 against the spread: sums must not cancel
+        args = jax.tree.map(lambda leaf: leaf.astype(dtype), exact)
+        ours = _flat(lambda *a: light_sum_batch_norm(*a, 1e-5))
+        reference = _flat(lambda *a: batch_norm(composed_light_sum(*a[:6]), *a[6:], 1e-5))
+        expected = {f"LightSum{kind}F{dtype(0).itemsize * 8}" for kind in ("Forward", "GradientSums", "Backward")}
+        assert cpu_kernel_calls(ours, *args) == (expected if path == "cpu_kernels" else set())
+        argnums = tuple(range(len(args)))
+        results = [
+            (f(*a), jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=argnums)(*a))
+            for f, a in ((ours, args), (reference, exact))
+        ]
+        for ours_leaf, exact_leaf in zip(*map(jax.tree.leaves, results)):
+            tolerance = 1e-10 if dtype == jnp.float64 else 1e-4 * float(jnp.max(jnp.abs(exact_leaf)))
+            np.testing.assert_allclose(ours_leaf, exact_leaf, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("filled", [1, 3, 4])

@@ -2,8 +2,9 @@
 
 XLA:CPU runs the light branch (`layer_attention.light_sum`: two depthwise 3x3 convs and
 their gradients) as many memory-bound passes over [B, H, W, C] (padded copies, shifted
-products, tap sums, per-image sums). `light_sum_kernels.cc` does each direction in one
-pass per image, while the image sits in cache (see docs/performance.md, round 6). It is
+products, tap sums, per-image sums), and its BatchNorm as more passes over z.
+`light_sum_kernels.cc` does each direction in one pass per image, while the image sits in
+cache, the BatchNorm's included (see docs/performance.md, rounds 6 and 9). It is
 compiled with the system's C++ compiler against the running jaxlib's FFI headers, once
 per source, jaxlib and compiler, into a cache directory (`$DLA_JAX_CACHE`, default
 `~/.cache/dla_jax`). Without a compiler the models use XLA's own ops (the same results,
@@ -32,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 SOURCE = pathlib.Path(__file__).with_name("light_sum_kernels.cc")
 VECTOR_BYTES = 64
 _SUFFIXES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float64): "F64"}
-_HANDLERS = ("LightSumForward", "LightSumBackward")
+_HANDLERS = ("LightSumForward", "LightSumGradientSums", "LightSumBackward")
 
 
 def _target(handler: str, dtype: Any) -> str:
@@ -94,16 +95,21 @@ def supports(dtype: Any, channels: int) -> bool:
     return dtype in _SUFFIXES and channels % (VECTOR_BYTES // dtype.itemsize) == 0 and available()
 
 
+def in_use(dtype: Any, channels: int) -> bool:
+    """Whether `on_cpu` takes the kernels for inputs of this dtype and width (decided at trace time)."""
+    return jax.default_backend() == "cpu" and supports(dtype, channels)
+
+
 def on_cpu(by_kernel: Callable, by_xla: Callable, *inputs: Any, **options: Any) -> Any:
     """by_kernel(*inputs, **options) on the CPU where the kernels take the first input's dtype and
     width, else by_xla(*inputs, **options); `options` are static (not traced).
 
-    Decided at trace time: the default backend must be the CPU and the kernels built; then
-    `platform_dependent` still lowers by_xla for any other platform.
+    Decided at trace time: the default backend must be the CPU and the kernels built (`in_use`);
+    then `platform_dependent` still lowers by_xla for any other platform.
     """
     by_kernel, by_xla = (functools.partial(branch, **options) for branch in (by_kernel, by_xla))
     first = inputs[0]
-    if jax.default_backend() != "cpu" or not supports(first.dtype, first.shape[-1]):
+    if not in_use(first.dtype, first.shape[-1]):
         return by_xla(*inputs)
     return jax.lax.platform_dependent(*inputs, cpu=by_kernel, default=by_xla)
 
@@ -145,16 +151,48 @@ def _taps(kernel: jax.Array) -> jax.Array:
     return kernel.reshape(9, kernel.shape[-1])
 
 
-def light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool) -> jax.Array:
-    """dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate + dwconv(shortcut,
-    excite_kernel) (refresh) or the shortcut; heads and gate are [B, C]."""
-    shape = out.shape[1:]
+def light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool):
+    """z = dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate + dwconv(shortcut,
+    excite_kernel) (refresh) or the shortcut; heads and gate are [B, C]. Returns z and each image's
+    mean of z and Σ_hw (z - mean)², [B, C] (for the BatchNorm's batch statistics)."""
+    shape, channels = out.shape[1:], out.shape[-1]
+
+    def results(images):
+        return [(images, *shape)] + [(images, channels)] * 2
+
     batched, shared = (out, shortcut, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
-    return _kernel_call("LightSumForward", batched, shared, lambda images: [(images, *shape)], refresh=refresh)[0]
+    return _kernel_call("LightSumForward", batched, shared, results, refresh=refresh)
 
 
-def light_sum_backward(out, shortcut, dz, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool):
-    """The backward pass of `light_sum_forward` per image: d_out, d_shortcut [B, H, W, C], value_taps,
+def light_sum_gradient_sums(out, shortcut, dy, heads, gate, value_kernel, excite_kernel, lam, z_mean, *, refresh: bool):
+    """Each image's Σ_hw dy and Σ_hw dy·(z - z_mean) [B, C], z = `light_sum_forward`'s, recomputed:
+    the sums a BatchNorm of z needs for its backward pass, without z saved."""
+    channels = out.shape[-1]
+    batched, shared = (out, shortcut, dy, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam, z_mean)
+    results = lambda images: [(images, channels)] * 2  # noqa: E731
+    return _kernel_call("LightSumGradientSums", batched, shared, results, refresh=refresh)
+
+
+def light_sum_backward(
+    out,
+    shortcut,
+    dy,
+    heads,
+    gate,
+    offset,
+    value_kernel,
+    excite_kernel,
+    lam,
+    dy_scale,
+    z_scale,
+    z_mean,
+    *,
+    refresh: bool,
+    batch_norm: bool,
+):
+    """The backward pass of `light_sum_forward` per image, for dz = dy_scale·dy + z_scale·(z - z_mean)
+    + offset (offset [B, C], the rest [C]: a BatchNorm's backward pass, z recomputed in the kernel)
+    where `batch_norm`, else for dz = dy_scale·dy + offset: d_out, d_shortcut [B, H, W, C], value_taps,
     excite_taps [B, 9, C] (the kernels' gradients, before λ for the excite kernel), Σ_hw shortcut·dz
     and d_heads [B, C]."""
     shape, channels = out.shape[1:], out.shape[-1]
@@ -162,5 +200,6 @@ def light_sum_backward(out, shortcut, dz, heads, gate, value_kernel, excite_kern
     def results(images):
         return [(images, *shape)] * 2 + [(images, 9, channels)] * 2 + [(images, channels)] * 2
 
-    batched, shared = (out, shortcut, dz, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
-    return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh)
+    batched = (out, shortcut, dy, heads, gate, offset)
+    shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, z_scale, z_mean)
+    return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh, batch_norm=batch_norm)

@@ -341,7 +341,7 @@ def depthwise_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype =
     return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_out)
 
 
-def _batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x in at least float32, its per-channel mean and biased variance (over all but the last axis)."""
     x = x.astype(at_least_float32(x.dtype))
     axes = tuple(range(x.ndim - 1))
@@ -361,14 +361,15 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
     return _batch_norm_forward(x, scale, bias, epsilon)[0]
 
 
-def _normalize(x32: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+def normalize(x32: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """BatchNorm's (x - mean) / sqrt(var + epsilon) · scale + bias, and 1 / sqrt(var + epsilon)."""
     inverse_std = jax.lax.rsqrt(var + epsilon)
     return (x32 - mean) * (inverse_std * scale) + bias, inverse_std
 
 
 def _batch_norm_forward(x, scale, bias, epsilon):
-    x32, mean, var = _batch_statistics(x)
-    y, inverse_std = _normalize(x32, mean, var, scale, bias, epsilon)
+    x32, mean, var = batch_statistics(x)
+    y, inverse_std = normalize(x32, mean, var, scale, bias, epsilon)
     return (y, mean, var), (x, mean, inverse_std, scale)
 
 
@@ -390,6 +391,20 @@ def _batch_norm_backward(epsilon, residuals, cotangents):
 batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
+def batch_norm_backward_coefficients(sum_dy, sum_dy_centered, inverse_std, scale, count, d_mean, d_var):
+    """`batch_norm`'s backward pass as a per-channel affine map: dx = dy_scale·dy + centered_scale·(x - mean) + offset.
+
+    From the per-channel sums Σ dy and Σ dy·(x - mean), for a caller that applies the map
+    inside a kernel that reads dy and x anyway. Returns (dy_scale, centered_scale, offset,
+    d_scale, d_bias).
+    """
+    d_scale = sum_dy_centered * inverse_std
+    dy_scale = scale * inverse_std
+    centered_scale = (2 * d_var - dy_scale * inverse_std * d_scale) / count
+    offset = (d_mean - dy_scale * sum_dy) / count
+    return dy_scale, centered_scale, offset, d_scale, sum_dy
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's semantics (eps 1e-5, momentum 0.1, unbiased running var).
 
@@ -404,7 +419,10 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array | jax.ShapeDtypeStruct, train: bool, fused: Callable | None = None) -> jax.Array:
+        """`fused(scale, bias, epsilon) -> (y, mean, var)`, where given, does in training what
+        `batch_norm(x, ...)` does, for an x whose producer normalises it in its own kernels
+        (x is then only read for its shape)."""
         channels = x.shape[-1]
         scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -412,9 +430,9 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
         if not train:
             x32 = x.astype(at_least_float32(x.dtype))
-            y, _ = _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon)
+            y, _ = normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon)
             return y.astype(self.dtype)
-        y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+        y, mean, var = (fused or functools.partial(batch_norm, x))(scale, bias, self.epsilon)
         if not self.is_initializing():
             count = math.prod(x.shape[:-1])
             unbiased = var * (count / max(count - 1, 1))

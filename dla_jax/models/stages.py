@@ -8,6 +8,7 @@ for DLA-B, a fixed-size key/value cache with a fill index (a static carry shape)
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from dla_jax.models.layer_attention import (
     head_scores,
     light_gates,
     light_sum,
+    light_sum_batch_norm,
     weighted_values,
     weighted_values_saving_nothing,
 )
@@ -112,8 +114,12 @@ class Unit(nn.Module):
         gates = light_gates(query, key)
         self.sow("intermediates", "gates", gates)
         lam = self.param("lambda", nn.initializers.normal(1.0), (out.shape[-1],), jnp.float32)
-        attended_plus_previous = light_sum(out, shortcut, value_kernel, expand_heads(gates), lam, refresh)
-        return BatchNorm(dtype=self.dtype, name="attention_bn")(attended_plus_previous, self.train)
+        inputs = (out, shortcut, value_kernel, expand_heads(gates), lam, refresh)
+        attention_bn = BatchNorm(dtype=self.dtype, name="attention_bn")
+        if self.train:
+            fused = functools.partial(light_sum_batch_norm, *inputs)
+            return attention_bn(jax.ShapeDtypeStruct(out.shape, out.dtype), True, fused)
+        return attention_bn(light_sum(*inputs), False)
 
     def _softmax_over_stage(self, carry, shared, out, query, key, value) -> jax.Array:
         """DLA-B: refresh the cache with the new context, append this block, attend over it.
