@@ -102,7 +102,8 @@ class Unit(nn.Module):
         """MRLA-light / DLA-L: BN(light attention + λ ⊙ previous output).
 
         DLA-L first refreshes the previous output (the shortcut) with a DSU gate computed
-        from the updated stage context, then adds the stage's depthwise conv of it.
+        from the updated stage context, then adds the stage's depthwise conv of it. In
+        training the BatchNorm runs fused with the sum (`light_sum_batch_norm`).
         """
         refresh = None
         if self.family == "dla_l":
