@@ -168,8 +168,11 @@ def light_sum_gradient_sums(out, shortcut, dy, heads, gate, value_kernel, excite
     """Each image's Σ_hw dy and Σ_hw dy·(z - z_mean) [B, C], z = `light_sum_forward`'s, recomputed:
     the sums a BatchNorm of z needs for its backward pass, without z saved."""
     channels = out.shape[-1]
+
+    def results(images):
+        return [(images, channels)] * 2
+
     batched, shared = (out, shortcut, dy, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam, z_mean)
-    results = lambda images: [(images, channels)] * 2  # noqa: E731
     return _kernel_call("LightSumGradientSums", batched, shared, results, refresh=refresh)
 
 
@@ -177,9 +180,9 @@ def light_sum_backward(
     out,
     shortcut,
     dy,
+    offset,
     heads,
     gate,
-    offset,
     value_kernel,
     excite_kernel,
     lam,
@@ -200,6 +203,6 @@ def light_sum_backward(
     def results(images):
         return [(images, *shape)] * 2 + [(images, 9, channels)] * 2 + [(images, channels)] * 2
 
-    batched = (out, shortcut, dy, heads, gate, offset)
+    batched = (out, shortcut, dy, offset, heads, gate)
     shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, z_scale, z_mean)
     return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh, batch_norm=batch_norm)

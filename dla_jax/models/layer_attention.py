@@ -216,9 +216,9 @@ def _backward_parts_by_xla(
     out,
     shortcut,
     dy,
+    offset,
     heads,
     gate,
-    offset,
     value_kernel,
     excite_kernel,
     lam,
@@ -275,7 +275,7 @@ def _light_sum_gradients(inputs, dy, dy_scale, offset, batch_norm=None):
     out, shortcut, value_kernel, heads, lam, refresh = inputs
     gate, excite_kernel = _gate_and_excite_kernel(heads, value_kernel, refresh)
     z_scale, z_mean, z = batch_norm or (jnp.zeros_like(dy_scale), jnp.zeros_like(dy_scale), None)
-    operands = (out, shortcut, dy, heads, gate, offset, value_kernel, excite_kernel, lam, dy_scale, z_scale, z_mean, z)
+    operands = (out, shortcut, dy, offset, heads, gate, value_kernel, excite_kernel, lam, dy_scale, z_scale, z_mean, z)
     d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads = cpu_kernels.on_cpu(
         _backward_parts_by_kernel,
         _backward_parts_by_xla,

@@ -390,8 +390,8 @@ ffi::Error LightSumGradientSums(ffi::ThreadPool pool, Image4<D> out, Image4<D> s
 }
 
 template <ffi::DataType D>
-ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dy, Vectors<D> heads,
-                            Vectors<D> gate, Vectors<D> offset, Vectors<D> value_kernel, Vectors<D> excite_kernel,
+ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dy, Vectors<D> offset,
+                            Vectors<D> heads, Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel,
                             ffi::Buffer<D, 1> lam, ffi::Buffer<D, 1> dy_scale, ffi::Buffer<D, 1> z_scale,
                             ffi::Buffer<D, 1> z_mean, bool refresh, bool batch_norm, ffi::ResultBuffer<D, 4> d_out,
                             ffi::ResultBuffer<D, 4> d_shortcut, ffi::ResultBuffer<D, 3> value_taps,
@@ -414,17 +414,22 @@ ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> short
   return ForEachImage(pool, problem);
 }
 
+// Binds what every handler takes after its per-image operands: the heads and gate [B, C],
+// then the shared kernels and λ.
+template <ffi::DataType D, typename Binding>
+auto WithGatesAndWeights(Binding&& binding) {
+  return std::move(binding)
+      .template Arg<Vectors<D>>()          // heads
+      .template Arg<Vectors<D>>()          // gate
+      .template Arg<Vectors<D>>()          // value_kernel
+      .template Arg<Vectors<D>>()          // excite_kernel
+      .template Arg<ffi::Buffer<D, 1>>();  // lam
+}
+
 template <ffi::DataType D>
 auto LightSumForwardBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()          // out
-      .template Arg<Image4<D>>()          // shortcut
-      .template Arg<Vectors<D>>()         // heads
-      .template Arg<Vectors<D>>()         // gate
-      .template Arg<Vectors<D>>()         // value_kernel
-      .template Arg<Vectors<D>>()         // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()  // lam
+  auto images = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Image4<D>>().template Arg<Image4<D>>();
+  return WithGatesAndWeights<D>(std::move(images))  // out, shortcut, ...
       .template Attr<bool>("refresh")
       .template Ret<Image4<D>>()    // z
       .template Ret<Vectors<D>>()   // image_mean
@@ -432,17 +437,17 @@ auto LightSumForwardBinding() {
 }
 
 template <ffi::DataType D>
-auto LightSumGradientSumsBinding() {
+auto ImagesAndGradient() {  // out, shortcut, dy
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()          // out
-      .template Arg<Image4<D>>()          // shortcut
-      .template Arg<Image4<D>>()          // dy
-      .template Arg<Vectors<D>>()         // heads
-      .template Arg<Vectors<D>>()         // gate
-      .template Arg<Vectors<D>>()         // value_kernel
-      .template Arg<Vectors<D>>()         // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()  // lam
+      .template Arg<Image4<D>>()
+      .template Arg<Image4<D>>()
+      .template Arg<Image4<D>>();
+}
+
+template <ffi::DataType D>
+auto LightSumGradientSumsBinding() {
+  return WithGatesAndWeights<D>(ImagesAndGradient<D>())
       .template Arg<ffi::Buffer<D, 1>>()  // z_mean
       .template Attr<bool>("refresh")
       .template Ret<Vectors<D>>()   // sum_dy
@@ -451,17 +456,7 @@ auto LightSumGradientSumsBinding() {
 
 template <ffi::DataType D>
 auto LightSumBackwardBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()          // out
-      .template Arg<Image4<D>>()          // shortcut
-      .template Arg<Image4<D>>()          // dy
-      .template Arg<Vectors<D>>()         // heads
-      .template Arg<Vectors<D>>()         // gate
-      .template Arg<Vectors<D>>()         // offset
-      .template Arg<Vectors<D>>()         // value_kernel
-      .template Arg<Vectors<D>>()         // excite_kernel
-      .template Arg<ffi::Buffer<D, 1>>()  // lam
+  return WithGatesAndWeights<D>(ImagesAndGradient<D>().template Arg<Vectors<D>>())  // ..., offset
       .template Arg<ffi::Buffer<D, 1>>()  // dy_scale
       .template Arg<ffi::Buffer<D, 1>>()  // z_scale
       .template Arg<ffi::Buffer<D, 1>>()  // z_mean
