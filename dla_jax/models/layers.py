@@ -391,7 +391,15 @@ def _batch_norm_backward(epsilon, residuals, cotangents):
 batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
-def batch_norm_backward_coefficients(sum_dy, sum_dy_centered, inverse_std, scale, count, d_mean, d_var):
+def batch_norm_backward_coefficients(
+    sum_dy: jax.Array,
+    sum_dy_centered: jax.Array,
+    inverse_std: jax.Array,
+    scale: jax.Array,
+    count: int,
+    d_mean: jax.Array,
+    d_var: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """`batch_norm`'s backward pass as a per-channel affine map: dx = dy_scale·dy + centered_scale·(x - mean) + offset.
 
     From the per-channel sums Σ dy and Σ dy·(x - mean), for a caller that applies the map
