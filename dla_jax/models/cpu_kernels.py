@@ -180,13 +180,13 @@ def light_sum_backward(
     out,
     shortcut,
     dy,
-    offset,
     heads,
     gate,
     value_kernel,
     excite_kernel,
     lam,
     dy_scale,
+    offset,
     z_scale,
     z_mean,
     *,
@@ -194,7 +194,7 @@ def light_sum_backward(
     batch_norm: bool,
 ):
     """The backward pass of `light_sum_forward` per image, for dz = dy_scale·dy + z_scale·(z - z_mean)
-    + offset (offset [B, C], the rest [C]: a BatchNorm's backward pass, z recomputed in the kernel)
+    + offset (all [C]: a BatchNorm's backward pass, z recomputed in the kernel)
     where `batch_norm`, else for dz = dy_scale·dy + offset: d_out, d_shortcut [B, H, W, C], value_taps,
     excite_taps [B, 9, C] (the kernels' gradients, before λ for the excite kernel), Σ_hw shortcut·dz
     and d_heads [B, C]."""
@@ -203,6 +203,6 @@ def light_sum_backward(
     def results(images):
         return [(images, *shape)] * 2 + [(images, 9, channels)] * 2 + [(images, channels)] * 2
 
-    batched = (out, shortcut, dy, offset, heads, gate)
-    shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, z_scale, z_mean)
+    batched = (out, shortcut, dy, heads, gate)
+    shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, offset, z_scale, z_mean)
     return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh, batch_norm=batch_norm)

@@ -209,20 +209,20 @@ def _gradient_sums_by_kernel(out, shortcut, dy, heads, gate, value_kernel, excit
     sums = cpu_kernels.light_sum_gradient_sums(
         out, shortcut, dy, heads, gate, value_kernel, excite_kernel, lam, z_mean, refresh=refresh
     )
-    return tuple(jnp.sum(part.astype(at_least_float32(part.dtype)), axis=0) for part in sums)
+    return tuple(jnp.sum(part, axis=0) for part in sums)
 
 
 def _backward_parts_by_xla(
     out,
     shortcut,
     dy,
-    offset,
     heads,
     gate,
     value_kernel,
     excite_kernel,
     lam,
     dy_scale,
+    offset,
     z_scale,
     z_mean,
     z,
@@ -233,7 +233,7 @@ def _backward_parts_by_xla(
     """Both input gradients are convs of dz itself, scaled after (a depthwise conv commutes with
     per-image, per-channel factors), so dz is padded once and dz·heads is never written out."""
     accumulate = jnp.promote_types(dy.dtype, jnp.float32)
-    dz = dy_scale * dy.astype(accumulate) + _per_sample(offset, accumulate)
+    dz = dy_scale * dy.astype(accumulate) + offset
     if batch_norm:
         z = _xla_z(z, out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh)
         dz = dz + z_scale * (z.astype(accumulate) - z_mean)
@@ -267,7 +267,7 @@ def _backward_parts_by_kernel(*inputs, refresh, batch_norm):
 
 def _light_sum_gradients(inputs, dy, dy_scale, offset, batch_norm=None):
     """light_sum's input gradients for dz = dy_scale·dy + offset, plus z_scale·(z - z_mean) for
-    `batch_norm` = (z_scale, z_mean, z or None where the kernels recompute it); offset [B, C], the rest [C].
+    `batch_norm` = (z_scale, z_mean, z or None where the kernels recompute it); all but z are [C].
 
     The backward parts return (d_out, d_shortcut, value kernel taps, excite kernel taps or
     None, Σ_hw shortcut·dz, d_heads); λ's and the refresh's gradients follow from them.
@@ -275,7 +275,7 @@ def _light_sum_gradients(inputs, dy, dy_scale, offset, batch_norm=None):
     out, shortcut, value_kernel, heads, lam, refresh = inputs
     gate, excite_kernel = _gate_and_excite_kernel(heads, value_kernel, refresh)
     z_scale, z_mean, z = batch_norm or (jnp.zeros_like(dy_scale), jnp.zeros_like(dy_scale), None)
-    operands = (out, shortcut, dy, offset, heads, gate, value_kernel, excite_kernel, lam, dy_scale, z_scale, z_mean, z)
+    operands = (out, shortcut, dy, heads, gate, value_kernel, excite_kernel, lam, dy_scale, offset, z_scale, z_mean, z)
     d_out, d_shortcut, value_taps, excite_taps, shortcut_dz, d_heads = cpu_kernels.on_cpu(
         _backward_parts_by_kernel,
         _backward_parts_by_xla,
@@ -300,8 +300,8 @@ def _light_sum_gradients(inputs, dy, dy_scale, offset, batch_norm=None):
 
 
 def _light_sum_backward(inputs, dz):
-    batch, channels = dz.shape[0], dz.shape[-1]
-    return _light_sum_gradients(inputs, dz, jnp.ones(channels, dz.dtype), jnp.zeros((batch, channels), dz.dtype))
+    channels = dz.shape[-1]
+    return _light_sum_gradients(inputs, dz, jnp.ones(channels, dz.dtype), jnp.zeros(channels, dz.dtype))
 
 
 light_sum.defvjp(_light_sum_forward, _light_sum_backward)
@@ -353,7 +353,6 @@ def _light_sum_batch_norm_backward(epsilon, residuals, cotangents):
     dy_scale, z_scale, offset, d_scale, d_bias = batch_norm_backward_coefficients(
         sum_dy, sum_dy_centered, inverse_std, scale, math.prod(d_y.shape[:-1]), d_mean, d_var
     )
-    offset = jnp.broadcast_to(offset, (d_y.shape[0], d_y.shape[-1]))
     return (*_light_sum_gradients(inputs, d_y, dy_scale, offset, (z_scale, mean, z)), d_scale, d_bias)
 
 

@@ -12,7 +12,7 @@
 // Σ_hw (z - mean)², from which the caller forms the BatchNorm's batch statistics.
 // Gradient sums: each image's Σ_hw dy and Σ_hw dy·(z - z_mean), z recomputed (the forward
 // pass saves none) and z_mean its batch mean, from which the caller forms the BatchNorm's
-// backward pass as a per-channel affine map dz = dy_scale·dy + z_scale·(z - z_mean) + offset.
+// backward pass as a per-channel affine map dz = dy_scale·dy + offset + z_scale·(z - z_mean).
 // Backward, for one image, dz = dy_scale·dy + offset (+ z_scale·(z - z_mean), z recomputed,
 // where batch_norm) formed as dy is read; x[h+i-1, w+j-1] is 0 outside the image; tap t = 3i + j:
 //   value_conv[h, w] = Σ_t dz[h+i-1, w+j-1] · value_kernel[8 - t]
@@ -219,7 +219,7 @@ __attribute__((always_inline)) inline void GradientSumsBody(const GradientSums<T
 template <typename T>
 struct Backward : Operands<T> {
   bool batch_norm;
-  const T *dy, *offset, *dy_scale, *z_scale, *z_mean;
+  const T *dy, *dy_scale, *offset, *z_scale, *z_mean;
   T *d_out, *d_shortcut, *value_taps, *excite_taps, *shortcut_dz, *d_heads;
 };
 
@@ -240,7 +240,7 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
   T* dz = buffer.data();
   for (int64_t c = 0; c < C; c += L) {
     const Vec dy_scale = S::Load(p.dy_scale + c), z_scale = S::Load(p.z_scale + c), z_mean = S::Load(p.z_mean + c);
-    const Vec offset = S::Load(p.offset + b * C + c);
+    const Vec offset = S::Load(p.offset + c);
     if (p.batch_norm) {
       const ZWeights<T> weights(p, in, c, kRefresh);
       ForPixels(H, W, [&](auto border, int64_t h, int64_t w) DLA_INLINE {
@@ -390,9 +390,9 @@ ffi::Error LightSumGradientSums(ffi::ThreadPool pool, Image4<D> out, Image4<D> s
 }
 
 template <ffi::DataType D>
-ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dy, Vectors<D> offset,
-                            Vectors<D> heads, Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel,
-                            ffi::Buffer<D, 1> lam, ffi::Buffer<D, 1> dy_scale, ffi::Buffer<D, 1> z_scale,
+ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dy, Vectors<D> heads,
+                            Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
+                            ffi::Buffer<D, 1> dy_scale, ffi::Buffer<D, 1> offset, ffi::Buffer<D, 1> z_scale,
                             ffi::Buffer<D, 1> z_mean, bool refresh, bool batch_norm, ffi::ResultBuffer<D, 4> d_out,
                             ffi::ResultBuffer<D, 4> d_shortcut, ffi::ResultBuffer<D, 3> value_taps,
                             ffi::ResultBuffer<D, 3> excite_taps, ffi::ResultBuffer<D, 2> shortcut_dz,
@@ -401,8 +401,8 @@ ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> short
       {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)},
       batch_norm,
       dy.typed_data(),
-      offset.typed_data(),
       dy_scale.typed_data(),
+      offset.typed_data(),
       z_scale.typed_data(),
       z_mean.typed_data(),
       d_out->typed_data(),
@@ -456,8 +456,9 @@ auto LightSumGradientSumsBinding() {
 
 template <ffi::DataType D>
 auto LightSumBackwardBinding() {
-  return WithGatesAndWeights<D>(ImagesAndGradient<D>().template Arg<Vectors<D>>())  // ..., offset
+  return WithGatesAndWeights<D>(ImagesAndGradient<D>())
       .template Arg<ffi::Buffer<D, 1>>()  // dy_scale
+      .template Arg<ffi::Buffer<D, 1>>()  // offset
       .template Arg<ffi::Buffer<D, 1>>()  // z_scale
       .template Arg<ffi::Buffer<D, 1>>()  // z_mean
       .template Attr<bool>("refresh")
