@@ -151,17 +151,18 @@ def _taps(kernel: jax.Array) -> jax.Array:
     return kernel.reshape(9, kernel.shape[-1])
 
 
-def light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool):
+def light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, *, refresh: bool, statistics: bool):
     """z = dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate + dwconv(shortcut,
     excite_kernel) (refresh) or the shortcut; heads and gate are [B, C]. Returns z and each image's
-    mean of z and Σ_hw (z - mean)², [B, C] (for the BatchNorm's batch statistics)."""
+    mean of z and Σ_hw (z - mean)², [B, C] (for the BatchNorm's batch statistics; zeros unless
+    `statistics`)."""
     shape, channels = out.shape[1:], out.shape[-1]
 
     def results(images):
         return [(images, *shape)] + [(images, channels)] * 2
 
     batched, shared = (out, shortcut, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
-    return _kernel_call("LightSumForward", batched, shared, results, refresh=refresh)
+    return _kernel_call("LightSumForward", batched, shared, results, refresh=refresh, statistics=statistics)
 
 
 def light_sum_gradient_sums(out, shortcut, dy, heads, gate, value_kernel, excite_kernel, lam, z_mean, *, refresh: bool):

@@ -120,14 +120,16 @@ def _light_sum_by_xla(out, shortcut, value_kernel, heads, lam, gate, excite_kern
     return value * _per_sample(heads, out.dtype) + lam.astype(out.dtype) * previous
 
 
-def _light_sum_by_kernel(out, shortcut, value_kernel, heads, lam, gate, excite_kernel, *, refresh):
-    """(z, each image's mean of z, each image's Σ_hw (z - mean)²)."""
-    return cpu_kernels.light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh)
+def _light_sum_by_kernel(out, shortcut, value_kernel, heads, lam, gate, excite_kernel, *, refresh, statistics):
+    """(z, each image's mean of z, each image's Σ_hw (z - mean)²; zeros unless `statistics`)."""
+    return cpu_kernels.light_sum_forward(
+        out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh=refresh, statistics=statistics
+    )
 
 
 def _light_sum_with_statistics_by_kernel(*inputs, refresh):
     """z and its batch mean and biased variance, combined from the kernel's per-image ones (Chan et al.)."""
-    z, image_mean, image_m2 = _light_sum_by_kernel(*inputs, refresh=refresh)
+    z, image_mean, image_m2 = _light_sum_by_kernel(*inputs, refresh=refresh, statistics=True)
     accumulate = at_least_float32(z.dtype)
     image_mean, image_m2 = image_mean.astype(accumulate), image_m2.astype(accumulate)
     mean = jnp.mean(image_mean, axis=0)
@@ -156,7 +158,7 @@ def _light_sum(out, shortcut, value_kernel, heads, lam, refresh):
 
 
 def _light_sum_z_by_kernel(*inputs, refresh):
-    return _light_sum_by_kernel(*inputs, refresh=refresh)[0]
+    return _light_sum_by_kernel(*inputs, refresh=refresh, statistics=False)[0]
 
 
 @jax.custom_vjp

@@ -161,11 +161,12 @@ T* ZeroedSums(int64_t count) {
 
 template <typename T>
 struct Forward : Operands<T> {
+  bool statistics;
   T *z, *image_mean, *image_m2;
 };
 
-// z, and the image's mean of z and Σ_hw (z - mean)² from sums of z - z[0, 0] (its first
-// pixel: a shift that keeps the sum of squares from cancelling).
+// z and, where `statistics` (training; else zeros), the image's mean of z and Σ_hw (z - mean)²
+// from sums of z - z[0, 0] (its first pixel: a shift that keeps the sum of squares from cancelling).
 template <typename T, bool kRefresh>
 __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int64_t b) {
   using S = Simd<T>;
@@ -176,6 +177,7 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
   T *sum = shift + C, *squares = sum + C;
   ForZ<T, kRefresh>(p, b, [&](int64_t pixel, int64_t c, Vec value) DLA_INLINE {
     S::Store(z + pixel * C + c, value);
+    if (!p.statistics) return;
     if (pixel == 0) S::Store(shift + c, value);
     const Vec shifted = value - S::Load(shift + c);
     S::Store(sum + c, S::Load(sum + c) + shifted);
@@ -366,9 +368,10 @@ Operands<ffi::NativeType<D>> Read(Image4<D> out, Image4<D> shortcut, Vectors<D> 
 template <ffi::DataType D>
 ffi::Error LightSumForward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Vectors<D> heads, Vectors<D> gate,
                            Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam, bool refresh,
-                           ffi::ResultBuffer<D, 4> z, ffi::ResultBuffer<D, 2> image_mean,
+                           bool statistics, ffi::ResultBuffer<D, 4> z, ffi::ResultBuffer<D, 2> image_mean,
                            ffi::ResultBuffer<D, 2> image_m2) {
   const Forward<ffi::NativeType<D>> problem{{Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)},
+                                            statistics,
                                             z->typed_data(),
                                             image_mean->typed_data(),
                                             image_m2->typed_data()};
@@ -431,6 +434,7 @@ auto LightSumForwardBinding() {
   auto images = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Image4<D>>().template Arg<Image4<D>>();
   return WithGatesAndWeights<D>(std::move(images))  // out, shortcut, ...
       .template Attr<bool>("refresh")
+      .template Attr<bool>("statistics")
       .template Ret<Image4<D>>()    // z
       .template Ret<Vectors<D>>()   // image_mean
       .template Ret<Vectors<D>>();  // image_m2
