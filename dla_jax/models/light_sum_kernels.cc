@@ -3,9 +3,11 @@
 //
 // XLA:CPU runs it as many memory-bound passes over [B, H, W, C] (padded copies, shifted
 // products, two convs of dz, their kernel gradients, per-image sums). Here each image is
-// read once, while it sits in cache, with every result computed in the same loop over its
-// pixels. Images are independent (each writes its own rows, per-image sums included),
-// so the batch is split over threads and over devices; the caller sums over images.
+// read once, a channel vector at a time, into zero-padded panels that stay in cache, and
+// every result is computed from them: blocks of neighbouring outputs share the loads of
+// their 3×3 windows, and the kernels' taps stay in registers. Images are independent (each
+// writes its own rows, per-image sums included), so the batch is split over threads and
+// over devices; the caller sums over images.
 //
 // Forward: z = dwconv(out, value_kernel)·heads + λ·previous, previous = shortcut·gate +
 // dwconv(shortcut, excite_kernel) (refresh) or shortcut; and each image's mean of z and
@@ -54,32 +56,79 @@ struct Simd {
   __attribute__((always_inline)) static void Store(T* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 };
 
-// Calls visit(t, pixels) for each neighbour (h+i-1, w+j-1) of pixel (h, w) inside the image:
-// tap t = 3i + j and the neighbour's offset from the pixel, in pixels. For interior pixels
-// (kBorder false) the nine calls unroll with constant taps.
-template <bool kBorder, typename Visit>
-__attribute__((always_inline)) inline void ForNeighbours(int64_t h, int64_t w, int64_t H, int64_t W, Visit&& visit) {
-  for (int i = 0; i < 3; ++i) {
-    for (int j = 0; j < 3; ++j) {
-      if (kBorder && (h + i - 1 < 0 || h + i - 1 >= H || w + j - 1 < 0 || w + j - 1 >= W)) continue;
-      visit(3 * i + j, (i - 1) * W + (j - 1));
+// One channel vector of an image at a time, zero-padded by a pixel on every side: [H + 2][W + 2]
+// vectors in a thread's own buffer, `count` panels of them. The convs read their 3×3 windows
+// from a panel at fixed offsets, without bounds checks, and from cache; the image itself is
+// read once per channel vector.
+template <typename T>
+class Panels {
+ public:
+  using S = Simd<T>;
+
+  // Borders zeroed once: afterwards only interiors are written.
+  Panels(int count, int64_t height, int64_t width)
+      : height_(height), width_(width), row_((width + 2) * S::kLanes), size_((height + 2) * row_) {
+    thread_local std::vector<T> buffer;
+    buffer.resize(count * size_ + S::kLanes);
+    const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+    data_ = buffer.data() + (-address % kVectorBytes) / sizeof(T);
+    for (int panel = 0; panel < count; ++panel) {
+      T* start = data_ + panel * size_;
+      std::fill(start, start + row_, T{0});
+      std::fill(start + (height + 1) * row_, start + size_, T{0});
+      for (int64_t h = 0; h < height; ++h) {
+        S::Store(At(panel, h, -1), typename S::Vec{});
+        S::Store(At(panel, h, width), typename S::Vec{});
+      }
     }
   }
-}
 
-// Calls pixel(border, h, w) for every pixel, border a std::bool_constant: true on the image's edge.
-template <typename Pixel>
-__attribute__((always_inline)) inline void ForPixels(int64_t H, int64_t W, Pixel&& pixel) {
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t w = 0; w < W; ++w) {
-      if (h > 0 && h < H - 1 && w > 0 && w < W - 1) {
-        pixel(std::false_type{}, h, w);
-      } else {
-        pixel(std::true_type{}, h, w);
+  T* At(int panel, int64_t h, int64_t w) const { return data_ + panel * size_ + (h + 1) * row_ + (w + 1) * S::kLanes; }
+  int64_t Row() const { return row_; }
+
+  // Copies channel vector c of an [H, W, C] image into the interior of `panel`.
+  void Pack(int panel, const T* image, int64_t channels, int64_t c) {
+    for (int64_t h = 0; h < height_; ++h) {
+      for (int64_t w = 0; w < width_; ++w) S::Store(At(panel, h, w), S::Load(image + (h * width_ + w) * channels + c));
+    }
+  }
+
+ private:
+  int64_t height_, width_, row_, size_;
+  T* data_;
+};
+
+// The 3×3 windows of kBlock neighbouring outputs (h, w + o) of a panel, read together: each
+// input x = (h + i - 1, w + k - 1) is loaded once and tap(o, t, x) called for every output o it
+// feeds, through tap t = 3i + (k - o). `at` points at (h, w) in the panel, `row` its row length.
+template <int kBlock, typename T, typename Tap>
+__attribute__((always_inline)) inline void ForBlockTaps(const T* at, int64_t row, Tap&& tap) {
+#pragma GCC unroll 3
+  for (int i = 0; i < 3; ++i) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kBlock + 2; ++k) {
+      const typename Simd<T>::Vec x = Simd<T>::Load(at + (i - 1) * row + (k - 1) * Simd<T>::kLanes);
+#pragma GCC unroll 8
+      for (int o = 0; o < kBlock; ++o) {
+        if (k - o >= 0 && k - o < 3) tap(o, 3 * i + k - o, x);
       }
     }
   }
 }
+
+// Calls block(size, h, w) for blocks of outputs (h, w .. w + size - 1) that cover an H×W image,
+// size a std::integral_constant: kBlock wherever the row has room, else 1.
+template <int kBlock, typename Block>
+__attribute__((always_inline)) inline void ForBlocks(int64_t H, int64_t W, Block&& block) {
+  for (int64_t h = 0; h < H; ++h) {
+    int64_t w = 0;
+    for (; w + kBlock <= W; w += kBlock) block(std::integral_constant<int, kBlock>{}, h, w);
+    for (; w < W; ++w) block(std::integral_constant<int, 1>{}, h, w);
+  }
+}
+
+// Outputs per block: their accumulators and the kernels' taps fill the 32 vector registers of AVX-512.
+constexpr int kBlock = 4;
 
 // What both directions read: the images (out, shortcut) and the branch's gates and weights.
 template <typename T>
@@ -102,16 +151,19 @@ struct ImageOperands {
         gate(p.gate + b * p.channels) {}
 };
 
-// What z's channel vector c is made of, besides the images: both kernels' taps, heads, gate and λ.
+// What z's channel vector c is made of, besides the images: both kernels' taps (`flipped`
+// for the backward convs, the forward convs' adjoints), heads, gate and λ.
 template <typename T>
 struct ZWeights {
   typename Simd<T>::Vec value_kernel[9], excite_kernel[9], heads, gate, lam;
-  __attribute__((always_inline)) ZWeights(const Operands<T>& p, const ImageOperands<T>& in, int64_t c, bool refresh) {
+  __attribute__((always_inline)) ZWeights(const Operands<T>& p, const ImageOperands<T>& in, int64_t c, bool refresh,
+                                          bool flipped) {
     using S = Simd<T>;
     const int64_t C = p.channels;
     for (int t = 0; t < 9; ++t) {
-      value_kernel[t] = S::Load(p.value_kernel + t * C + c);
-      excite_kernel[t] = refresh ? S::Load(p.excite_kernel + t * C + c) : typename S::Vec{};
+      const int64_t tap = flipped ? 8 - t : t;
+      value_kernel[t] = S::Load(p.value_kernel + tap * C + c);
+      excite_kernel[t] = refresh ? S::Load(p.excite_kernel + tap * C + c) : typename S::Vec{};
     }
     heads = S::Load(in.heads + c);
     gate = S::Load(in.gate + c);
@@ -119,44 +171,39 @@ struct ZWeights {
   }
 };
 
-// z's channel vector at pixel (h, w) of image `in`, `at` = its offset there: the forward pass's sum.
-template <typename T, bool kRefresh, bool kBorder>
-__attribute__((always_inline)) inline typename Simd<T>::Vec ZAt(const Operands<T>& p, const ImageOperands<T>& in,
-                                                                const ZWeights<T>& weights, int64_t h, int64_t w,
-                                                                int64_t at) {
+// The panels: the channel vector's out and shortcut (every kernel) and dz (the backward pass).
+enum : int { kOut, kShortcut, kDz };
+
+// z's channel vector at a block of outputs (h, w + o) from the out and shortcut panels.
+template <int kSize, bool kRefresh, typename T>
+__attribute__((always_inline)) inline void BlockZ(const Panels<T>& panels, const ZWeights<T>& weights, int64_t h,
+                                                  int64_t w, typename Simd<T>::Vec (&z)[kSize]) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
-  const int64_t C = p.channels;
-  Vec value = {}, excite = {};
-  ForNeighbours<kBorder>(h, w, p.height, p.width, [&](int t, int64_t pixels) DLA_INLINE {
-    value += S::Load(in.out + at + pixels * C) * weights.value_kernel[t];
-    if (kRefresh) excite += S::Load(in.shortcut + at + pixels * C) * weights.excite_kernel[t];
-  });
-  const Vec shortcut = S::Load(in.shortcut + at);
-  const Vec previous = kRefresh ? shortcut * weights.gate + excite : shortcut;
-  return value * weights.heads + weights.lam * previous;
+  Vec value[kSize] = {}, excite[kSize] = {};
+  const T *out = panels.At(kOut, h, w), *shortcut = panels.At(kShortcut, h, w);
+  ForBlockTaps<kSize>(out, panels.Row(), [&](int o, int t, Vec x) DLA_INLINE { value[o] += x * weights.value_kernel[t]; });
+  if (kRefresh) {
+    ForBlockTaps<kSize>(shortcut, panels.Row(),
+                        [&](int o, int t, Vec x) DLA_INLINE { excite[o] += x * weights.excite_kernel[t]; });
+  }
+  for (int o = 0; o < kSize; ++o) {
+    const Vec s = S::Load(shortcut + o * S::kLanes);
+    z[o] = value[o] * weights.heads + weights.lam * (kRefresh ? s * weights.gate + excite[o] : s);
+  }
 }
 
-// Calls sink(pixel, c, z) for every pixel and channel vector of image b, pixel by pixel, all
-// channels of a pixel together: the image is read in order.
-template <typename T, bool kRefresh, typename Sink>
-__attribute__((always_inline)) inline void ForZ(const Operands<T>& p, int64_t b, Sink&& sink) {
-  const ImageOperands<T> in(p, b);
-  ForPixels(p.height, p.width, [&](auto border, int64_t h, int64_t w) DLA_INLINE {
-    const int64_t pixel = h * p.width + w;
-    for (int64_t c = 0; c < p.channels; c += Simd<T>::kLanes) {
-      const ZWeights<T> weights(p, in, c, kRefresh);
-      sink(pixel, c, ZAt<T, kRefresh, decltype(border)::value>(p, in, weights, h, w, pixel * p.channels + c));
-    }
-  });
-}
-
-// Per-channel running sums of one image, in a thread's own buffer (`count` of them, zeroed).
-template <typename T>
-T* ZeroedSums(int64_t count) {
-  thread_local std::vector<T> sums;
-  sums.assign(count, T{0});
-  return sums.data();
+// Calls channel(panels, c) for each channel vector c of the image, with its out and shortcut
+// packed into panels kOut and kShortcut of `count`.
+template <typename T, typename Channel>
+__attribute__((always_inline)) inline void ForChannelVectors(const Operands<T>& p, const ImageOperands<T>& in,
+                                                             int count, Channel&& channel) {
+  Panels<T> panels(count, p.height, p.width);
+  for (int64_t c = 0; c < p.channels; c += Simd<T>::kLanes) {
+    panels.Pack(kOut, in.out, p.channels, c);
+    panels.Pack(kShortcut, in.shortcut, p.channels, c);
+    channel(panels, c);
+  }
 }
 
 template <typename T>
@@ -171,24 +218,30 @@ template <typename T, bool kRefresh>
 __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int64_t b) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
-  const int64_t C = p.channels, pixels = p.height * p.width;
-  T* z = p.z + b * pixels * C;
-  T* shift = ZeroedSums<T>(3 * C);
-  T *sum = shift + C, *squares = sum + C;
-  ForZ<T, kRefresh>(p, b, [&](int64_t pixel, int64_t c, Vec value) DLA_INLINE {
-    S::Store(z + pixel * C + c, value);
-    if (!p.statistics) return;
-    if (pixel == 0) S::Store(shift + c, value);
-    const Vec shifted = value - S::Load(shift + c);
-    S::Store(sum + c, S::Load(sum + c) + shifted);
-    S::Store(squares + c, S::Load(squares + c) + shifted * shifted);
-  });
-  for (int64_t c = 0; c < C; c += S::kLanes) {
-    const Vec mean_shifted = S::Load(sum + c) / static_cast<T>(pixels);
-    const Vec m2 = S::Load(squares + c) - S::Load(sum + c) * mean_shifted;
-    S::Store(p.image_mean + b * C + c, S::Load(shift + c) + mean_shifted);
+  const int64_t H = p.height, W = p.width, C = p.channels;
+  const ImageOperands<T> in(p, b);
+  T* z_image = p.z + in.image;
+  ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c) DLA_INLINE {
+    const ZWeights<T> weights(p, in, c, kRefresh, false);
+    Vec first[1], sum = {}, squares = {};
+    BlockZ<1, kRefresh>(panels, weights, 0, 0, first);
+    const Vec shift = p.statistics ? first[0] : Vec{};
+    ForBlocks<kBlock>(H, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
+      constexpr int size = decltype(block)::value;
+      Vec z[size];
+      BlockZ<size, kRefresh>(panels, weights, h, w, z);
+      for (int o = 0; o < size; ++o) {
+        S::Store(z_image + (h * W + w + o) * C + c, z[o]);
+        if (p.statistics) {
+          sum += z[o] - shift;
+          squares += (z[o] - shift) * (z[o] - shift);
+        }
+      }
+    });
+    const Vec mean_shifted = sum / static_cast<T>(H * W), m2 = squares - sum * mean_shifted;
+    S::Store(p.image_mean + b * C + c, shift + mean_shifted);
     S::Store(p.image_m2 + b * C + c, m2 > 0 ? m2 : Vec{});
-  }
+  });
 }
 
 template <typename T>
@@ -203,19 +256,26 @@ template <typename T, bool kRefresh>
 __attribute__((always_inline)) inline void GradientSumsBody(const GradientSums<T>& p, int64_t b) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
-  const int64_t C = p.channels;
-  const T* dy = p.dy + b * p.height * p.width * C;
-  T* sum_dy = ZeroedSums<T>(2 * C);
-  T* sum_dy_centered = sum_dy + C;
-  ForZ<T, kRefresh>(p, b, [&](int64_t pixel, int64_t c, Vec z) DLA_INLINE {
-    const Vec g = S::Load(dy + pixel * C + c);
-    S::Store(sum_dy + c, S::Load(sum_dy + c) + g);
-    S::Store(sum_dy_centered + c, S::Load(sum_dy_centered + c) + g * (z - S::Load(p.z_mean + c)));
+  const int64_t W = p.width, C = p.channels;
+  const ImageOperands<T> in(p, b);
+  const T* dy = p.dy + in.image;
+  ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c) DLA_INLINE {
+    const ZWeights<T> weights(p, in, c, kRefresh, false);
+    const Vec z_mean = S::Load(p.z_mean + c);
+    Vec sum_dy = {}, sum_dy_centered = {};
+    ForBlocks<kBlock>(p.height, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
+      constexpr int size = decltype(block)::value;
+      Vec z[size];
+      BlockZ<size, kRefresh>(panels, weights, h, w, z);
+      for (int o = 0; o < size; ++o) {
+        const Vec g = S::Load(dy + (h * W + w + o) * C + c);
+        sum_dy += g;
+        sum_dy_centered += g * (z[o] - z_mean);
+      }
+    });
+    S::Store(p.sum_dy + b * C + c, sum_dy);
+    S::Store(p.sum_dy_centered + b * C + c, sum_dy_centered);
   });
-  for (int64_t c = 0; c < C; c += S::kLanes) {
-    S::Store(p.sum_dy + b * C + c, S::Load(sum_dy + c));
-    S::Store(p.sum_dy_centered + b * C + c, S::Load(sum_dy_centered + c));
-  }
 }
 
 template <typename T>
@@ -225,68 +285,65 @@ struct Backward : Operands<T> {
   T *d_out, *d_shortcut, *value_taps, *excite_taps, *shortcut_dz, *d_heads;
 };
 
-// One channel vector at a time over the whole image: first its dz into a compact buffer
-// (one vector per pixel; with batch_norm, z recomputed), then the convs of dz, with the
-// kernels' taps and tap sums held in registers.
+// Channel vector by channel vector, three sweeps over the panels: dz (with batch_norm, z
+// recomputed), then the convs of dz and what reads them, then the kernels' taps.
 template <typename T, bool kRefresh>
 __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, int64_t b) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
-  const int64_t H = p.height, W = p.width, C = p.channels, L = S::kLanes;
+  const int64_t H = p.height, W = p.width, C = p.channels;
   const ImageOperands<T> in(p, b);
-  const T *out = in.out, *sc = in.shortcut, *dy = p.dy + in.image;
-  T* d_out = p.d_out + in.image;
-  T* d_sc = p.d_shortcut + in.image;
-  thread_local std::vector<T> buffer;
-  buffer.resize(H * W * L);
-  T* dz = buffer.data();
-  for (int64_t c = 0; c < C; c += L) {
-    const Vec dy_scale = S::Load(p.dy_scale + c), z_scale = S::Load(p.z_scale + c), z_mean = S::Load(p.z_mean + c);
-    const Vec offset = S::Load(p.offset + c);
-    if (p.batch_norm) {
-      const ZWeights<T> weights(p, in, c, kRefresh);
-      ForPixels(H, W, [&](auto border, int64_t h, int64_t w) DLA_INLINE {
-        const int64_t pixel = h * W + w, at = pixel * C + c;
-        const Vec z = ZAt<T, kRefresh, decltype(border)::value>(p, in, weights, h, w, at);
-        S::Store(dz + pixel * L, dy_scale * S::Load(dy + at) + z_scale * (z - z_mean) + offset);
-      });
-    } else {
-      for (int64_t pixel = 0; pixel < H * W; ++pixel) {
-        S::Store(dz + pixel * L, dy_scale * S::Load(dy + pixel * C + c) + offset);
+  const T* dy = p.dy + in.image;
+  T *d_out = p.d_out + in.image, *d_shortcut = p.d_shortcut + in.image;
+  ForChannelVectors(p, in, 3, [&](const Panels<T>& panels, int64_t c) DLA_INLINE {
+    const Vec dy_scale = S::Load(p.dy_scale + c), offset = S::Load(p.offset + c);
+    const Vec z_scale = S::Load(p.z_scale + c), z_mean = S::Load(p.z_mean + c);
+    const ZWeights<T> forward(p, in, c, kRefresh, false), weights(p, in, c, kRefresh, true);
+    ForBlocks<kBlock>(H, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
+      constexpr int size = decltype(block)::value;
+      Vec z[size] = {};
+      if (p.batch_norm) BlockZ<size, kRefresh>(panels, forward, h, w, z);
+      for (int o = 0; o < size; ++o) {
+        const Vec g = dy_scale * S::Load(dy + (h * W + w + o) * C + c) + offset;
+        S::Store(panels.At(kDz, h, w + o), p.batch_norm ? g + z_scale * (z[o] - z_mean) : g);
       }
-    }
-    Vec value_kernel[9], excite_kernel[9], value_taps[9] = {}, excite_taps[9] = {};
-    for (int t = 0; t < 9; ++t) {  // flipped: the convs of dz are the forward convs' adjoints
-      value_kernel[t] = S::Load(p.value_kernel + (8 - t) * C + c);
-      excite_kernel[t] = kRefresh ? S::Load(p.excite_kernel + (8 - t) * C + c) : Vec{};
-    }
-    const Vec heads = S::Load(in.heads + c), gate = S::Load(in.gate + c), lam = S::Load(p.lam + c);
+    });
     Vec shortcut_dz = {}, d_heads = {};
-    ForPixels(H, W, [&](auto border, int64_t h, int64_t w) DLA_INLINE {
-      const int64_t pixel = h * W + w, at = pixel * C + c;
-      const Vec g = S::Load(dz + pixel * L);
-      Vec value_conv = {}, excite_conv = {};
-      ForNeighbours<decltype(border)::value>(h, w, H, W, [&](int t, int64_t pixels) DLA_INLINE {
-        const Vec neighbour = S::Load(dz + (pixel + pixels) * L);
-        value_conv += neighbour * value_kernel[t];
-        value_taps[t] += S::Load(out + at + pixels * C) * g;
-        if (kRefresh) {
-          excite_conv += neighbour * excite_kernel[t];
-          excite_taps[t] += S::Load(sc + at + pixels * C) * g;
-        }
+    ForBlocks<kBlock>(H, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
+      constexpr int size = decltype(block)::value;
+      Vec value_conv[size] = {}, excite_conv[size] = {};
+      ForBlockTaps<size>(panels.At(kDz, h, w), panels.Row(), [&](int o, int t, Vec x) DLA_INLINE {
+        value_conv[o] += x * weights.value_kernel[t];
+        if (kRefresh) excite_conv[o] += x * weights.excite_kernel[t];
       });
-      S::Store(d_out + at, value_conv * heads);
-      d_heads += S::Load(out + at) * value_conv;
-      shortcut_dz += S::Load(sc + at) * g;
-      S::Store(d_sc + at, kRefresh ? (g * gate + excite_conv) * lam : g * lam);
+      for (int o = 0; o < size; ++o) {
+        const int64_t at = (h * W + w + o) * C + c;
+        const Vec g = S::Load(panels.At(kDz, h, w + o));
+        S::Store(d_out + at, value_conv[o] * weights.heads);
+        d_heads += S::Load(panels.At(kOut, h, w + o)) * value_conv[o];
+        shortcut_dz += S::Load(panels.At(kShortcut, h, w + o)) * g;
+        S::Store(d_shortcut + at, kRefresh ? (g * weights.gate + excite_conv[o]) * weights.lam : g * weights.lam);
+      }
+    });
+    Vec value_taps[9] = {}, excite_taps[9] = {};
+    ForBlocks<kBlock>(H, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
+      constexpr int size = decltype(block)::value;
+      Vec g[size];
+      for (int o = 0; o < size; ++o) g[o] = S::Load(panels.At(kDz, h, w + o));
+      ForBlockTaps<size>(panels.At(kOut, h, w), panels.Row(),
+                         [&](int o, int t, Vec x) DLA_INLINE { value_taps[t] += x * g[o]; });
+      if (kRefresh) {
+        ForBlockTaps<size>(panels.At(kShortcut, h, w), panels.Row(),
+                           [&](int o, int t, Vec x) DLA_INLINE { excite_taps[t] += x * g[o]; });
+      }
     });
     for (int t = 0; t < 9; ++t) {
-      S::Store(p.value_taps + (b * 9 + t) * C + c, value_taps[t] * heads);
+      S::Store(p.value_taps + (b * 9 + t) * C + c, value_taps[t] * weights.heads);
       S::Store(p.excite_taps + (b * 9 + t) * C + c, excite_taps[t]);
     }
     S::Store(p.shortcut_dz + b * C + c, shortcut_dz);
     S::Store(p.d_heads + b * C + c, d_heads);
-  }
+  });
 }
 
 // One clone per instruction set, picked at load time, so the build stays portable.
