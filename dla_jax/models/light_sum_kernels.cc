@@ -116,16 +116,45 @@ __attribute__((always_inline)) inline void ForBlockTaps(const T* at, int64_t row
   }
 }
 
+struct NoPrefetch {
+  void operator()(int64_t) const {}
+};
+
 // Calls block(size, h, w) for blocks of outputs (h, w .. w + size - 1) that cover an H×W image,
-// size a std::integral_constant: kBlock wherever the row has room, else 1.
-template <int kBlock, typename Block>
-__attribute__((always_inline)) inline void ForBlocks(int64_t H, int64_t W, Block&& block) {
+// size a std::integral_constant: kBlock wherever the row has room, else 1; and prefetch(pixel)
+// for each pixel of the block first.
+template <int kBlock, typename Block, typename Prefetch = NoPrefetch>
+__attribute__((always_inline)) inline void ForBlocks(int64_t H, int64_t W, Block&& block, Prefetch&& prefetch = {}) {
   for (int64_t h = 0; h < H; ++h) {
     int64_t w = 0;
-    for (; w + kBlock <= W; w += kBlock) block(std::integral_constant<int, kBlock>{}, h, w);
-    for (; w < W; ++w) block(std::integral_constant<int, 1>{}, h, w);
+    for (; w + kBlock <= W; w += kBlock) {
+      for (int o = 0; o < kBlock; ++o) prefetch(h * W + w + o);
+      block(std::integral_constant<int, kBlock>{}, h, w);
+    }
+    for (; w < W; ++w) {
+      prefetch(h * W + w);
+      block(std::integral_constant<int, 1>{}, h, w);
+    }
   }
 }
+
+// The image's next channel vector, prefetched into L2 pixel by pixel during the current one's
+// first sweep, so that packing it reads from cache: `count` arrays (none after the last vector).
+template <typename T>
+struct Ahead {
+  int count;
+  int64_t channels;
+  const T* at[3];
+  // The same for one more [H, W, C] array (dy), `image` at its current channel vector.
+  Ahead Also(const T* image) const {
+    Ahead more = *this;
+    if (count) more.at[more.count++] = image + Simd<T>::kLanes;
+    return more;
+  }
+  void operator()(int64_t pixel) const {
+    for (int a = 0; a < count; ++a) __builtin_prefetch(at[a] + pixel * channels, 0, 1);
+  }
+};
 
 // Outputs per block: their accumulators and the kernels' taps fill the 32 vector registers of AVX-512.
 constexpr int kBlock = 4;
@@ -193,16 +222,17 @@ __attribute__((always_inline)) inline void BlockZ(const Panels<T>& panels, const
   }
 }
 
-// Calls channel(panels, c) for each channel vector c of the image, with its out and shortcut
-// packed into panels kOut and kShortcut of `count`.
+// Calls channel(panels, c, ahead) for each channel vector c of the image, with its out and
+// shortcut packed into panels kOut and kShortcut of `count`; `ahead` prefetches the next ones.
 template <typename T, typename Channel>
 __attribute__((always_inline)) inline void ForChannelVectors(const Operands<T>& p, const ImageOperands<T>& in,
                                                              int count, Channel&& channel) {
+  constexpr int64_t L = Simd<T>::kLanes;
   Panels<T> panels(count, p.height, p.width);
-  for (int64_t c = 0; c < p.channels; c += Simd<T>::kLanes) {
+  for (int64_t c = 0; c < p.channels; c += L) {
     panels.Pack(kOut, in.out, p.channels, c);
     panels.Pack(kShortcut, in.shortcut, p.channels, c);
-    channel(panels, c);
+    channel(panels, c, Ahead<T>{c + L < p.channels ? 2 : 0, p.channels, {in.out + c + L, in.shortcut + c + L}});
   }
 }
 
@@ -221,7 +251,7 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
   const int64_t H = p.height, W = p.width, C = p.channels;
   const ImageOperands<T> in(p, b);
   T* z_image = p.z + in.image;
-  ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c) DLA_INLINE {
+  ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c, const Ahead<T>& ahead) DLA_INLINE {
     const ZWeights<T> weights(p, in, c, kRefresh, false);
     Vec first[1], sum = {}, squares = {};
     BlockZ<1, kRefresh>(panels, weights, 0, 0, first);
@@ -237,7 +267,7 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
           squares += (z[o] - shift) * (z[o] - shift);
         }
       }
-    });
+    }, ahead);
     const Vec mean_shifted = sum / static_cast<T>(H * W), m2 = squares - sum * mean_shifted;
     S::Store(p.image_mean + b * C + c, shift + mean_shifted);
     S::Store(p.image_m2 + b * C + c, m2 > 0 ? m2 : Vec{});
@@ -259,7 +289,7 @@ __attribute__((always_inline)) inline void GradientSumsBody(const GradientSums<T
   const int64_t W = p.width, C = p.channels;
   const ImageOperands<T> in(p, b);
   const T* dy = p.dy + in.image;
-  ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c) DLA_INLINE {
+  ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c, const Ahead<T>& ahead) DLA_INLINE {
     const ZWeights<T> weights(p, in, c, kRefresh, false);
     const Vec z_mean = S::Load(p.z_mean + c);
     Vec sum_dy = {}, sum_dy_centered = {};
@@ -272,7 +302,7 @@ __attribute__((always_inline)) inline void GradientSumsBody(const GradientSums<T
         sum_dy += g;
         sum_dy_centered += g * (z[o] - z_mean);
       }
-    });
+    }, ahead.Also(dy + c));
     S::Store(p.sum_dy + b * C + c, sum_dy);
     S::Store(p.sum_dy_centered + b * C + c, sum_dy_centered);
   });
@@ -295,7 +325,7 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
   const ImageOperands<T> in(p, b);
   const T* dy = p.dy + in.image;
   T *d_out = p.d_out + in.image, *d_shortcut = p.d_shortcut + in.image;
-  ForChannelVectors(p, in, 3, [&](const Panels<T>& panels, int64_t c) DLA_INLINE {
+  ForChannelVectors(p, in, 3, [&](const Panels<T>& panels, int64_t c, const Ahead<T>& ahead) DLA_INLINE {
     const Vec dy_scale = S::Load(p.dy_scale + c), offset = S::Load(p.offset + c);
     const Vec z_scale = S::Load(p.z_scale + c), z_mean = S::Load(p.z_mean + c);
     const ZWeights<T> forward(p, in, c, kRefresh, false), weights(p, in, c, kRefresh, true);
@@ -307,7 +337,7 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
         const Vec g = dy_scale * S::Load(dy + (h * W + w + o) * C + c) + offset;
         S::Store(panels.At(kDz, h, w + o), p.batch_norm ? g + z_scale * (z[o] - z_mean) : g);
       }
-    });
+    }, ahead.Also(dy + c));
     Vec shortcut_dz = {}, d_heads = {};
     ForBlocks<kBlock>(H, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
       constexpr int size = decltype(block)::value;
