@@ -425,23 +425,25 @@ ffi::Error ForEachImage(ffi::ThreadPool& pool, const Problem& problem) {
   return ffi::Error::Success();
 }
 
+// Images come as [B·H·W, C] rows of pixels, with W an attribute: in this shape XLA hands the
+// kernels the same copy of a scanned block's saved input as the conv that reads it.
 template <ffi::DataType D>
-using Image4 = ffi::Buffer<D, 4>;
+using Pixels = ffi::Buffer<D, 2>;
 template <ffi::DataType D>
 using Vectors = ffi::Buffer<D, 2>;
 
-// Every handler takes the per-image operands first ([B, H, W, C] images, then [B, C] vectors),
-// then the shared ones ([9, C] kernels, tap t = 3i + j, and [C] vectors).
+// Every handler takes the per-image operands first (images, then [B, C] vectors), then the
+// shared ones ([9, C] kernels, tap t = 3i + j, and [C] vectors).
 
 template <ffi::DataType D>
-Operands<ffi::NativeType<D>> Read(Image4<D> out, Image4<D> shortcut, Vectors<D> heads, Vectors<D> gate,
+Operands<ffi::NativeType<D>> Read(Pixels<D> out, Pixels<D> shortcut, Vectors<D> heads, Vectors<D> gate,
                                   Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
-                                  bool refresh) {
-  const auto d = out.dimensions();
-  return {d[0],
-          d[1],
-          d[2],
-          d[3],
+                                  bool refresh, int64_t width) {
+  const int64_t batch = heads.dimensions()[0], pixels = out.dimensions()[0];
+  return {batch,
+          batch == 0 || width == 0 ? 0 : pixels / batch / width,
+          width,
+          out.dimensions()[1],
           refresh,
           out.typed_data(),
           shortcut.typed_data(),
@@ -453,11 +455,11 @@ Operands<ffi::NativeType<D>> Read(Image4<D> out, Image4<D> shortcut, Vectors<D> 
 }
 
 template <ffi::DataType D>
-ffi::Error LightSumForward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Vectors<D> heads, Vectors<D> gate,
+ffi::Error LightSumForward(ffi::ThreadPool pool, Pixels<D> out, Pixels<D> shortcut, Vectors<D> heads, Vectors<D> gate,
                            Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam, bool refresh,
-                           bool statistics, ffi::ResultBuffer<D, 4> z, ffi::ResultBuffer<D, 2> image_mean,
+                           int64_t width, bool statistics, ffi::ResultBuffer<D, 2> z, ffi::ResultBuffer<D, 2> image_mean,
                            ffi::ResultBuffer<D, 2> image_m2) {
-  const Forward<ffi::NativeType<D>> problem{{Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)},
+  const Forward<ffi::NativeType<D>> problem{{Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh, width)},
                                             statistics,
                                             z->typed_data(),
                                             image_mean->typed_data(),
@@ -466,12 +468,12 @@ ffi::Error LightSumForward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortc
 }
 
 template <ffi::DataType D>
-ffi::Error LightSumGradientSums(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dy,
+ffi::Error LightSumGradientSums(ffi::ThreadPool pool, Pixels<D> out, Pixels<D> shortcut, Pixels<D> dy,
                                 Vectors<D> heads, Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel,
-                                ffi::Buffer<D, 1> lam, ffi::Buffer<D, 1> z_mean, bool refresh,
+                                ffi::Buffer<D, 1> lam, ffi::Buffer<D, 1> z_mean, bool refresh, int64_t width,
                                 ffi::ResultBuffer<D, 2> sum_dy, ffi::ResultBuffer<D, 2> sum_dy_centered) {
   const GradientSums<ffi::NativeType<D>> problem{
-      {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)},
+      {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh, width)},
       dy.typed_data(),
       z_mean.typed_data(),
       sum_dy->typed_data(),
@@ -480,15 +482,15 @@ ffi::Error LightSumGradientSums(ffi::ThreadPool pool, Image4<D> out, Image4<D> s
 }
 
 template <ffi::DataType D>
-ffi::Error LightSumBackward(ffi::ThreadPool pool, Image4<D> out, Image4<D> shortcut, Image4<D> dy, Vectors<D> heads,
+ffi::Error LightSumBackward(ffi::ThreadPool pool, Pixels<D> out, Pixels<D> shortcut, Pixels<D> dy, Vectors<D> heads,
                             Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
                             ffi::Buffer<D, 1> dy_scale, ffi::Buffer<D, 1> offset, ffi::Buffer<D, 1> z_scale,
-                            ffi::Buffer<D, 1> z_mean, bool refresh, bool batch_norm, ffi::ResultBuffer<D, 4> d_out,
-                            ffi::ResultBuffer<D, 4> d_shortcut, ffi::ResultBuffer<D, 3> value_taps,
+                            ffi::Buffer<D, 1> z_mean, bool refresh, int64_t width, bool batch_norm, ffi::ResultBuffer<D, 2> d_out,
+                            ffi::ResultBuffer<D, 2> d_shortcut, ffi::ResultBuffer<D, 3> value_taps,
                             ffi::ResultBuffer<D, 3> excite_taps, ffi::ResultBuffer<D, 2> shortcut_dz,
                             ffi::ResultBuffer<D, 2> d_heads) {
   const Backward<ffi::NativeType<D>> problem{
-      {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh)},
+      {Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh, width)},
       batch_norm,
       dy.typed_data(),
       dy_scale.typed_data(),
@@ -518,11 +520,12 @@ auto WithGatesAndWeights(Binding&& binding) {
 
 template <ffi::DataType D>
 auto LightSumForwardBinding() {
-  auto images = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Image4<D>>().template Arg<Image4<D>>();
+  auto images = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<Pixels<D>>().template Arg<Pixels<D>>();
   return WithGatesAndWeights<D>(std::move(images))  // out, shortcut, ...
       .template Attr<bool>("refresh")
+      .template Attr<int64_t>("width")
       .template Attr<bool>("statistics")
-      .template Ret<Image4<D>>()    // z
+      .template Ret<Pixels<D>>()    // z
       .template Ret<Vectors<D>>()   // image_mean
       .template Ret<Vectors<D>>();  // image_m2
 }
@@ -531,9 +534,9 @@ template <ffi::DataType D>
 auto ImagesAndGradient() {  // out, shortcut, dy
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .template Arg<Image4<D>>()
-      .template Arg<Image4<D>>()
-      .template Arg<Image4<D>>();
+      .template Arg<Pixels<D>>()
+      .template Arg<Pixels<D>>()
+      .template Arg<Pixels<D>>();
 }
 
 template <ffi::DataType D>
@@ -541,6 +544,7 @@ auto LightSumGradientSumsBinding() {
   return WithGatesAndWeights<D>(ImagesAndGradient<D>())
       .template Arg<ffi::Buffer<D, 1>>()  // z_mean
       .template Attr<bool>("refresh")
+      .template Attr<int64_t>("width")
       .template Ret<Vectors<D>>()   // sum_dy
       .template Ret<Vectors<D>>();  // sum_dy_centered
 }
@@ -553,9 +557,10 @@ auto LightSumBackwardBinding() {
       .template Arg<ffi::Buffer<D, 1>>()  // z_scale
       .template Arg<ffi::Buffer<D, 1>>()  // z_mean
       .template Attr<bool>("refresh")
+      .template Attr<int64_t>("width")
       .template Attr<bool>("batch_norm")
-      .template Ret<Image4<D>>()          // d_out
-      .template Ret<Image4<D>>()          // d_shortcut
+      .template Ret<Pixels<D>>()          // d_out
+      .template Ret<Pixels<D>>()          // d_shortcut
       .template Ret<ffi::Buffer<D, 3>>()  // value_taps
       .template Ret<ffi::Buffer<D, 3>>()  // excite_taps
       .template Ret<Vectors<D>>()         // shortcut_dz
