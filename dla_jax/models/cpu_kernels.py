@@ -4,7 +4,7 @@ XLA:CPU runs the light branch (`layer_attention.light_sum`: two depthwise 3x3 co
 their gradients) as many memory-bound passes over [B, H, W, C] (padded copies, shifted
 products, tap sums, per-image sums), and its BatchNorm as more passes over z.
 `light_sum_kernels.cc` does each direction in one pass per image, while the image sits in
-cache, the BatchNorm's included (see docs/performance.md, rounds 6 and 9). It is
+cache, the BatchNorm's included (see docs/performance.md, rounds 6, 9 and 10). It is
 compiled with the system's C++ compiler against the running jaxlib's FFI headers, once
 per source, jaxlib and compiler, into a cache directory (`$DLA_JAX_CACHE`, default
 `~/.cache/dla_jax`). Without a compiler the models use XLA's own ops (the same results,

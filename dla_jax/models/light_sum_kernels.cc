@@ -116,6 +116,7 @@ __attribute__((always_inline)) inline void ForBlockTaps(const T* at, int64_t row
   }
 }
 
+// ForBlocks' default: nothing prefetched.
 struct NoPrefetch {
   void operator()(int64_t) const {}
 };
