@@ -254,9 +254,12 @@ __attribute__((always_inline)) inline void ForwardBody(const Forward<T>& p, int6
   T* z_image = p.z + in.image;
   ForChannelVectors(p, in, 2, [&](const Panels<T>& panels, int64_t c, const Ahead<T>& ahead) DLA_INLINE {
     const ZWeights<T> weights(p, in, c, kRefresh, false);
-    Vec first[1], sum = {}, squares = {};
-    BlockZ<1, kRefresh>(panels, weights, 0, 0, first);
-    const Vec shift = p.statistics ? first[0] : Vec{};
+    Vec shift = {}, sum = {}, squares = {};
+    if (p.statistics) {
+      Vec first[1];
+      BlockZ<1, kRefresh>(panels, weights, 0, 0, first);
+      shift = first[0];
+    }
     ForBlocks<kBlock>(H, W, [&](auto block, int64_t h, int64_t w) DLA_INLINE {
       constexpr int size = decltype(block)::value;
       Vec z[size];
