@@ -14,7 +14,13 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dla_jax.models.layer_attention import light_sum, light_sum_batch_norm
+from dla_jax.models.layer_attention import (
+    hand_back_final_values,
+    light_sum,
+    light_sum_batch_norm,
+    weighted_values,
+    weighted_values_saving_nothing,
+)
 from dla_jax.models.layers import batch_norm
 
 from light_sum_cases import composed_light_sum, light_sum_inputs
@@ -26,7 +32,13 @@ import warnings
 warnings.simplefilter("default")
 import jax, jax.numpy as jnp
 from dla_jax.models import cpu_kernels
-from dla_jax.models.layer_attention import light_sum, light_sum_batch_norm
+from dla_jax.models.layer_attention import (
+    hand_back_final_values,
+    light_sum,
+    light_sum_batch_norm,
+    weighted_values,
+    weighted_values_saving_nothing,
+)
 from dla_jax.models.layers import batch_norm
 from light_sum_cases import composed_light_sum, light_sum_inputs
 args = light_sum_inputs("dla_l", channels=32)
@@ -100,3 +112,33 @@ def test_on_a_mesh_each_device_runs_its_own_images(batch_normalized):
     gathered = re.findall(r"= f32\[([\d,]*)\]\S* all-gather\(", compiled.as_text())
     assert all("," not in shape for shape in gathered), gathered  # per-channel vectors at most, never images
     chex.assert_trees_all_close(ours, grads(reference)(*args), rtol=1e-5, atol=1e-4)
+
+
+def _read_cache(weights, values, saving_nothing):
+    """DLA-B's read of a full cache, its backward pass by the kernel (saving nothing) or by autodiff of XLA's ops."""
+    filled = jnp.int32(values.shape[0] - 1)
+    if not saving_nothing:
+        return weighted_values(weights, values, filled)
+    out, values, final_values = weighted_values_saving_nothing(weights, values, jnp.zeros_like(values), filled)
+    return hand_back_final_values(out, values, final_values)
+
+
+def test_on_a_mesh_the_cache_read_kernel_runs_each_devices_images():
+    """DLA-B's cache read backward under `jax.set_mesh`: the cache [T, B, ...] split on its batch axis,
+    the kernel sees one image per device, and the gradients equal autodiff's of XLA's ops on one device."""
+    weights = jax.random.normal(jax.random.key(0), (3, 8, 32))
+    values = jax.random.normal(jax.random.key(1), (3, 8, 5, 7, 32))
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    batch = NamedSharding(mesh, P(None, ("data", "fsdp")))
+    sharded = [jax.device_put(x, batch) for x in (weights, values)]
+
+    def grads(saving_nothing):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(_read_cache(*a, saving_nothing))), argnums=(0, 1)))
+
+    with jax.set_mesh(mesh):
+        compiled = grads(True).lower(*sharded).compile()
+        ours = compiled(*sharded)
+    (kernel_call,) = [line for line in compiled.as_text().splitlines() if 'custom_call_target="dla_jax_Cache' in line]
+    assert kernel_call.split(" custom-call(")[0].split(" = ")[1].startswith("(f32[3,1,32]{2,1,0}, f32[3,1,5,7,32]")
+    assert not re.findall(r"= f32\[[\d,]*,[\d,]*\]\S* all-gather\(", compiled.as_text())
+    chex.assert_trees_all_close(ours, grads(False)(weights, values), rtol=1e-5, atol=1e-5)

@@ -480,11 +480,19 @@ def _attend_over_cache(xs, query, saving_nothing, scan):
     return jnp.sum(jnp.sin(out))
 
 
+@pytest.mark.parametrize(("channels", "dtype"), [(5, jnp.float32), (16, jnp.float32), (8, jnp.float64)])
 @pytest.mark.parametrize("scan", [True, False])
-def test_dla_b_cache_read_saving_nothing_has_the_same_gradients(scan):
-    """The final cache handed back through the backward pass gives autodiff's gradients."""
-    xs = jax.random.normal(jax.random.key(0), (4, 2, 3, 3, 5))
-    query = jax.random.normal(jax.random.key(1), (2, 3, 3, 5))
-    gradient = jax.grad(_attend_over_cache, argnums=(0, 1))
-    gradients = [gradient(xs, query, saving_nothing, scan) for saving_nothing in (True, False)]
-    chex.assert_trees_all_close(*gradients, rtol=1e-5, atol=1e-6)
+def test_dla_b_cache_read_saving_nothing_has_the_same_gradients(scan, channels, dtype):
+    """The final cache handed back through the backward pass gives autodiff's gradients; its
+    backward pass by the CPU kernel (`cpu_kernels.cache_read_backward`, 16 float32 or 8 float64
+    channels) or by XLA's ops (5 channels, which the kernel does not take)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        xs = jax.random.normal(jax.random.key(0), (4, 2, 3, 3, channels), dtype)
+        query = jax.random.normal(jax.random.key(1), (2, 3, 3, channels), dtype)
+        kernel = f"CacheReadBackwardF{jnp.dtype(dtype).itemsize * 8}"
+        kernels = cpu_kernel_calls(lambda xs: _attend_over_cache(xs, query, True, scan), xs)
+        assert kernels == ({kernel} if channels > 5 else set())
+        gradient = jax.grad(_attend_over_cache, argnums=(0, 1))
+        gradients = [gradient(xs, query, saving_nothing, scan) for saving_nothing in (True, False)]
+        tolerance = 1e-12 if dtype == jnp.float64 else 1e-6
+        chex.assert_trees_all_close(*gradients, rtol=1e-5, atol=tolerance)

@@ -1,10 +1,11 @@
-"""Hand-written CPU kernels for the light layer attention, compiled on first use, called through XLA's FFI.
+"""Hand-written CPU kernels for the layer attention, compiled on first use, called through XLA's FFI.
 
 XLA:CPU runs the light branch (`layer_attention.light_sum`: two depthwise 3x3 convs and
 their gradients) as many memory-bound passes over [B, H, W, C] (padded copies, shifted
 products, tap sums, per-image sums), and its BatchNorm as more passes over z.
 `light_sum_kernels.cc` does each direction in one pass per image, while the image sits in
-cache, the BatchNorm's included (see docs/performance.md, rounds 6, 9 and 10). It is
+cache, the BatchNorm's included (see docs/performance.md, rounds 6, 9 and 10); and the
+backward pass of DLA-B's cache read in one sweep per filled slot (round 11). It is
 compiled with the system's C++ compiler against the running jaxlib's FFI headers, once
 per source, jaxlib and compiler, into a cache directory (`$DLA_JAX_CACHE`, default
 `~/.cache/dla_jax`). Without a compiler the models use XLA's own ops (the same results,
@@ -35,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 SOURCE = pathlib.Path(__file__).with_name("light_sum_kernels.cc")
 VECTOR_BYTES = 64
 _SUFFIXES = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float64): "F64"}
-_HANDLERS = ("LightSumForward", "LightSumGradientSums", "LightSumBackward")
+_HANDLERS = ("LightSumForward", "LightSumGradientSums", "LightSumBackward", "CacheReadBackward")
 
 
 def _target(handler: str, dtype: Any) -> str:
@@ -116,19 +117,32 @@ def on_cpu(by_kernel: Callable, by_xla: Callable, *inputs: Any, **options: Any) 
     return jax.lax.platform_dependent(*inputs, cpu=by_kernel, default=by_xla)
 
 
-def over_batch_shards(function: Callable, batched: Sequence[jax.Array], shared: Sequence[jax.Array]) -> Any:
+def over_batch_shards(
+    function: Callable,
+    batched: Sequence[jax.Array],
+    shared: Sequence[jax.Array],
+    batch_axes: Sequence[int] | None = None,
+    result_batch_axes: int | Sequence[int] = 0,
+) -> Any:
     """function(*batched, *shared), the batched inputs and all outputs split over the ambient mesh.
 
     The kernels treat every image alone, so each device runs its own images; without this
     XLA's partitioner would gather the whole batch onto every device for the custom call.
-    Without a mesh (`jax.set_mesh`), or with a batch the mesh does not divide, a plain call.
+    The batch is axis 0 of every batched input and result unless `batch_axes` (one per
+    batched input) and `result_batch_axes` say otherwise. Without a mesh (`jax.set_mesh`),
+    or with a batch the mesh does not divide, a plain call.
     """
+    batch_axes = batch_axes or (0,) * len(batched)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or batched[0].shape[0] % mesh.size:
+    if mesh.empty or mesh.size == 1 or batched[0].shape[batch_axes[0]] % mesh.size:
         return function(*batched, *shared)
-    split = P(mesh.axis_names)
-    in_specs = (split,) * len(batched) + (P(),) * len(shared)
-    return jax.shard_map(function, in_specs=in_specs, out_specs=split)(*batched, *shared)
+
+    def split(axis: int) -> P:
+        return P(*(None,) * axis, mesh.axis_names)
+
+    in_specs = tuple(split(axis) for axis in batch_axes) + (P(),) * len(shared)
+    out_specs = split(result_batch_axes) if isinstance(result_batch_axes, int) else tuple(map(split, result_batch_axes))
+    return jax.shard_map(function, in_specs=in_specs, out_specs=out_specs)(*batched, *shared)
 
 
 def _kernel_call(handler: str, batched: Sequence[jax.Array], shared: Sequence[jax.Array], results, **attributes):
@@ -225,3 +239,26 @@ def light_sum_backward(
     batched = (out, shortcut, dy, heads, gate)
     shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, offset, z_scale, z_mean)
     return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh, batch_norm=batch_norm)
+
+
+def cache_read_backward(weights, values, d_out, d_values, filled):
+    """The backward pass of DLA-B's cache read Σ_{t < filled} weights[t] ⊙ values[t], per image:
+    (d_weights [T, B, C], zero past `filled`; d_values [T, B, H, W, C] with weights[t] ⊙ d_out
+    added to its first `filled` slots, in place). `filled` is a traced int32 count."""
+    dtype, channels = values.dtype, values.shape[-1]
+    if not supports(dtype, channels):
+        raise ValueError(f"the CPU kernels do not take {dtype} [..., {channels}] inputs (see `on_cpu`)")
+
+    def call(weights, values, d_out, d_values, filled):
+        kernel = jax.ffi.ffi_call(
+            _target("CacheReadBackward", dtype),
+            [jax.ShapeDtypeStruct(weights.shape, dtype), jax.ShapeDtypeStruct(d_values.shape, dtype)],
+            vmap_method="sequential",
+            input_output_aliases={3: 1},
+        )
+        return tuple(kernel(weights, values, d_out, d_values, filled))
+
+    batched = [x.astype(dtype) for x in (weights, values, d_out, d_values)]
+    return over_batch_shards(
+        call, batched, [jnp.asarray(filled, jnp.int32)], batch_axes=(1, 1, 0, 1), result_batch_axes=(1, 1)
+    )

@@ -420,14 +420,19 @@ def _saving_nothing_forward(weights, values, final_values, filled):
     return (weighted_values(weights, values, filled), values, final_values), (weights, filled)
 
 
+def _cache_read_gradients_by_xla(weights, values, d_out, d_values, filled):
+    return over_filled_slots(_first_slots_gradients, filled, weights.shape[0], weights, values, d_out, d_values)
+
+
 def _saving_nothing_backward(residuals, cotangents):
+    """On the CPU one kernel sweep per filled slot (`cpu_kernels.cache_read_backward`): XLA's
+    ops copied each slot out, reduced it, and added and wrote back the slots apart."""
     weights, filled = residuals
     d_out, d_values, final_values = cotangents
-    capacity = weights.shape[0]
-    d_weights, d_values = over_filled_slots(
-        _first_slots_gradients, filled, capacity, weights, final_values, d_out, d_values
+    d_weights, d_values = cpu_kernels.on_cpu(
+        cpu_kernels.cache_read_backward, _cache_read_gradients_by_xla, weights, final_values, d_out, d_values, filled
     )
-    return d_weights, d_values, final_values, None
+    return d_weights.astype(weights.dtype), d_values, final_values, None
 
 
 weighted_values_saving_nothing.defvjp(_saving_nothing_forward, _saving_nothing_backward)

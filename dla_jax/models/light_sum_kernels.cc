@@ -1,5 +1,6 @@
 // The light families' layer-attention branch (dla_jax.models.layer_attention.light_sum) on
-// the CPU, forward and backward, as XLA FFI handlers.
+// the CPU, forward and backward, and the backward pass of DLA-B's cache read (CacheBackward), as
+// XLA FFI handlers.
 //
 // XLA:CPU runs it as many memory-bound passes over [B, H, W, C] (padded copies, shifted
 // products, two convs of dz, their kernel gradients, per-image sums). Here each image is
@@ -163,6 +164,7 @@ constexpr int kBlock = 4;
 // What both directions read: the images (out, shortcut) and the branch's gates and weights.
 template <typename T>
 struct Operands {
+  using Element = T;
   int64_t batch, height, width, channels;
   bool refresh;
   const T *out, *shortcut, *heads, *gate, *value_kernel, *excite_kernel, *lam;
@@ -380,6 +382,59 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
   });
 }
 
+// DLA-B's cache read out = Σ_{t < filled} weights[t] ⊙ values[t] (weights [T, B, C], values
+// [T, B, H, W, C]), backward, for one image: for each filled slot t, in one sweep of its value,
+//   d_weights[t] = Σ_hw values[t] · d_out        d_values[t] += weights[t] · d_out   (in place)
+// with d_out read from cache after the first slot; d_weights is 0 past `filled`. XLA:CPU
+// copies each slot out of the cache, reduces it, and adds and writes back the slots apart.
+template <typename T>
+struct CacheBackward {
+  using Element = T;
+  int64_t batch, pixels, channels, capacity, filled;
+  const T *weights, *values, *d_out;
+  T *d_weights, *d_values;
+};
+
+// Channel vectors c .. c + kChunk - 1 of one slot of one image, over all its pixels.
+template <int kChunk, typename T>
+__attribute__((always_inline)) inline void CacheBackwardChunk(const CacheBackward<T>& p, int64_t slot, int64_t b,
+                                                          int64_t c) {
+  using S = Simd<T>;
+  const int64_t C = p.channels, image = (slot * p.batch + b) * p.pixels * C;
+  const T *weights = p.weights + (slot * p.batch + b) * C + c, *values = p.values + image + c;
+  const T* d_out = p.d_out + b * p.pixels * C + c;
+  T* d_values = p.d_values + image + c;
+  typename S::Vec sum[kChunk] = {}, weight[kChunk];
+#pragma GCC unroll 4
+  for (int k = 0; k < kChunk; ++k) weight[k] = S::Load(weights + k * S::kLanes);
+  for (int64_t at = 0; at < p.pixels * C; at += C) {
+#pragma GCC unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      const int64_t i = at + k * S::kLanes;
+      const typename S::Vec g = S::Load(d_out + i);
+      sum[k] += S::Load(values + i) * g;
+      S::Store(d_values + i, S::Load(d_values + i) + weight[k] * g);
+    }
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < kChunk; ++k) S::Store(p.d_weights + (slot * p.batch + b) * C + c + k * S::kLanes, sum[k]);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void CacheBackwardBody(const CacheBackward<T>& p, int64_t b) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  constexpr int kChunk = 4;
+  for (int64_t slot = 0; slot < p.capacity; ++slot) {
+    if (slot >= p.filled) {
+      std::fill_n(p.d_weights + (slot * p.batch + b) * p.channels, p.channels, T{0});
+      continue;
+    }
+    int64_t c = 0;
+    for (; c + kChunk * L <= p.channels; c += kChunk * L) CacheBackwardChunk<kChunk>(p, slot, b, c);
+    for (; c < p.channels; c += L) CacheBackwardChunk<1>(p, slot, b, c);
+  }
+}
+
 // One clone per instruction set, picked at load time, so the build stays portable.
 #define DLA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define DLA_IMAGE(PROBLEM, BODY, T) \
@@ -390,6 +445,8 @@ DLA_IMAGE(GradientSums, GradientSumsBody, float)
 DLA_IMAGE(GradientSums, GradientSumsBody, double)
 DLA_IMAGE(Backward, BackwardBody, float)
 DLA_IMAGE(Backward, BackwardBody, double)
+DLA_CLONES void Image(const CacheBackward<float>& p, int64_t b) { CacheBackwardBody(p, b); }
+DLA_CLONES void Image(const CacheBackward<double>& p, int64_t b) { CacheBackwardBody(p, b); }
 
 // Hands images to whichever of XLA's threads are free. The caller takes images too and
 // returns once every image is done; a helper that starts later finds none left and
@@ -414,9 +471,9 @@ struct Images {
 template <typename Problem>
 ffi::Error ForEachImage(ffi::ThreadPool& pool, const Problem& problem) {
   const int64_t batch = problem.batch, channels = problem.channels;
-  using T = std::remove_const_t<std::remove_pointer_t<decltype(problem.out)>>;
+  using T = typename Problem::Element;
   if (channels % Simd<T>::kLanes != 0) {
-    return ffi::Error::InvalidArgument("dla_jax light_sum kernel: channels must be a multiple of the vector width");
+    return ffi::Error::InvalidArgument("dla_jax CPU kernel: channels must be a multiple of the vector width");
   }
   if (batch == 0) return ffi::Error::Success();
   auto images = std::make_shared<Images<Problem>>();
@@ -571,6 +628,41 @@ auto LightSumBackwardBinding() {
       .template Ret<Vectors<D>>();        // d_heads
 }
 
+// The cache read's backward pass: weights, d_weights [T, B, C]; values, d_values (in place)
+// [T·B·H·W, C] rows; d_out [B·H·W, C]; filled, the number of slots written.
+template <ffi::DataType D>
+ffi::Error CacheReadBackward(ffi::ThreadPool pool, ffi::Buffer<D, 3> weights, ffi::Buffer<D> values,
+                                    ffi::Buffer<D> d_out, ffi::Buffer<D> d_values, ffi::Buffer<ffi::S32, 0> filled,
+                                    ffi::ResultBuffer<D, 3> d_weights, ffi::ResultBuffer<D> d_values_out) {
+  const auto dimensions = weights.dimensions();
+  const int64_t capacity = dimensions[0], batch = dimensions[1];
+  const int64_t rows = capacity * batch, count = std::clamp<int64_t>(filled.typed_data()[0], 0, capacity);
+  const CacheBackward<ffi::NativeType<D>> problem{batch,
+                                                      rows == 0 ? 0 : values.element_count() / rows / dimensions[2],
+                                                      dimensions[2],
+                                                      capacity,
+                                                      count,
+                                                      weights.typed_data(),
+                                                      values.typed_data(),
+                                                      d_out.typed_data(),
+                                                      d_weights->typed_data(),
+                                                      d_values_out->typed_data()};
+  return ForEachImage(pool, problem);
+}
+
+template <ffi::DataType D>
+auto CacheReadBackwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<D, 3>>()       // weights
+      .template Arg<ffi::Buffer<D>>()          // values
+      .template Arg<ffi::Buffer<D>>()          // d_out
+      .template Arg<ffi::Buffer<D>>()          // d_values, aliased with the second result
+      .template Arg<ffi::Buffer<ffi::S32, 0>>()  // filled
+      .template Ret<ffi::Buffer<D, 3>>()       // d_weights
+      .template Ret<ffi::Buffer<D>>();         // d_values
+}
+
 }  // namespace
 
 #define DLA_HANDLERS(NAME)                                                                 \
@@ -580,3 +672,4 @@ auto LightSumBackwardBinding() {
 DLA_HANDLERS(LightSumForward)
 DLA_HANDLERS(LightSumGradientSums)
 DLA_HANDLERS(LightSumBackward)
+DLA_HANDLERS(CacheReadBackward)
