@@ -20,6 +20,7 @@ from dla_jax.models.layer_attention import (
     hand_back_final_values,
     light_sum,
     light_sum_batch_norm,
+    value_conv,
     weighted_values,
     weighted_values_saving_nothing,
 )
@@ -320,6 +321,17 @@ def test_depthwise_conv_and_gradients_equal_xla_grouped_convolution(batch):
     x = jax.random.normal(jax.random.key(0), (batch, 6, 7, channels))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
     assert_values_and_gradients_close(depthwise_conv3x3, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [5, 32])
+def test_dla_b_value_conv_and_gradients_equal_xla_grouped_convolution(channels):
+    """DLA-B's value conv by the light branch's CPU kernels with neutral gates (32 channels) or
+    as `depthwise_conv3x3` (5, which the kernels do not take) equals XLA's grouped convolution."""
+    x = jax.random.normal(jax.random.key(0), (3, 6, 7, channels))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
+    expected = {"LightSumForwardF32", "LightSumBackwardF32"} if channels == 32 else set()
+    assert cpu_kernel_calls(value_conv, x, kernel) == expected
+    assert_values_and_gradients_close(value_conv, grouped_conv3x3, x, kernel, gradient_atol=1e-4)
 
 
 def test_depthwise_backward_of_other_backends_equals_autodiff():

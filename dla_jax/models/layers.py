@@ -325,11 +325,15 @@ def _depthwise_forward(x, kernel):
     return plain_depthwise_conv3x3(x, kernel), (x, kernel)
 
 
-def _depthwise_backward(residuals, dy):
-    """dx is the same conv of dy with the kernel flipped; dkernel sums x's shifts times dy."""
-    x, kernel = residuals
+def depthwise_conv3x3_gradients(x: jax.Array, kernel: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`depthwise_conv3x3`'s (dx, dkernel): dx is the same conv of dy with the kernel flipped;
+    dkernel sums x's shifts times dy."""
     dx = plain_depthwise_conv3x3(dy, kernel[::-1, ::-1])
     return dx, depthwise_kernel_gradient(x, dy)[:, :, None, :].astype(kernel.dtype)
+
+
+def _depthwise_backward(residuals, dy):
+    return depthwise_conv3x3_gradients(*residuals, dy)
 
 
 depthwise_conv3x3.defvjp(_depthwise_forward, _depthwise_backward)

@@ -25,6 +25,7 @@ from dla_jax.models.layer_attention import (
     light_gates,
     light_sum,
     light_sum_batch_norm,
+    value_conv,
     weighted_values,
     weighted_values_saving_nothing,
 )
@@ -32,7 +33,6 @@ from dla_jax.models.layers import (
     BatchNorm,
     DropPath,
     at_least_float32,
-    depthwise_conv3x3,
     depthwise_kernel_init,
     global_avg_pool,
     materialized_on_cpu,
@@ -89,7 +89,7 @@ class Unit(nn.Module):
         """The family's layer-attention branch on this block's output; updates `carry`."""
         query, key, value_kernel = Projections(name="layer_attention")(out)
         if self.family == "dla_b":
-            value = depthwise_conv3x3(out, value_kernel)
+            value = value_conv(out, value_kernel)
             branch = self._softmax_over_stage(carry, shared, out, query, key, value)
         else:
             branch = self._light_with_previous(carry, shared, out, shortcut, query, key, value_kernel)
