@@ -225,16 +225,18 @@ def light_sum_backward(
     *,
     refresh: bool,
     batch_norm: bool,
+    shortcut_gradient: bool = True,
 ):
     """The backward pass of `light_sum_forward` per image, for dz = dy_scale·dy + z_scale·(z - z_mean)
     + offset (all [C]: a BatchNorm's backward pass, z recomputed in the kernel)
-    where `batch_norm`, else for dz = dy_scale·dy + offset: d_out, d_shortcut [B, H, W, C], value_taps,
-    excite_taps [B, 9, C] (the kernels' gradients, before λ for the excite kernel), Σ_hw shortcut·dz
-    and d_heads [B, C]."""
+    where `batch_norm`, else for dz = dy_scale·dy + offset: d_out, d_shortcut [B, H, W, C] (empty,
+    [B, 0, W, C], unless `shortcut_gradient`), value_taps, excite_taps [B, 9, C] (the kernels'
+    gradients, before λ for the excite kernel), Σ_hw shortcut·dz and d_heads [B, C]."""
     shape, channels = out.shape[1:], out.shape[-1]
 
     def results(images):
-        return [(images, *shape)] * 2 + [(images, 9, channels)] * 2 + [(images, channels)] * 2
+        d_shortcut = (images, *shape) if shortcut_gradient else (images, 0, *shape[1:])
+        return [(images, *shape), d_shortcut] + [(images, 9, channels)] * 2 + [(images, channels)] * 2
 
     batched = (out, shortcut, dy, heads, gate)
     shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, offset, z_scale, z_mean)

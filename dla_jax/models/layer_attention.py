@@ -369,7 +369,7 @@ def value_conv(out: jax.Array, value_kernel: jax.Array) -> jax.Array:
 
     Their backward pass forms both gradients from one zero-padded panel of the cotangent per
     channel vector, where XLA:CPU makes several passes over it (DLA-B-56 train step 5-8%
-    faster, round 11). It also writes a d_shortcut of zeros, which is dropped.
+    faster, round 11). The kernels read `out` a second time as the shortcut (from cache).
     """
     return _value_conv_forward(out, value_kernel)[0]
 
@@ -393,8 +393,9 @@ def _value_conv_forward(out, value_kernel):
 def _value_conv_gradients_by_kernel(out, value_kernel, d_value):
     heads, lam = _neutral_gates(out)
     kernels, coefficients = (value_kernel, value_kernel), (heads[0], lam, lam, lam)  # dz = 1·d_value + 0
+    images, options = (out, out, d_value), dict(refresh=False, batch_norm=False, shortcut_gradient=False)
     d_out, _, value_taps, *_ = cpu_kernels.light_sum_backward(
-        out, out, d_value, heads, heads, *kernels, lam, *coefficients, refresh=False, batch_norm=False
+        *images, heads, heads, *kernels, lam, *coefficients, **options
     )
     return d_out, jnp.sum(value_taps, axis=0).reshape(3, 3, 1, -1).astype(value_kernel.dtype)
 

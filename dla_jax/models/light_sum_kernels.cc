@@ -21,7 +21,7 @@
 //   value_conv[h, w] = Σ_t dz[h+i-1, w+j-1] · value_kernel[8 - t]
 //   excite_conv      the same with excite_kernel
 //   d_out            = value_conv · heads
-//   d_shortcut       = (dz · gate + excite_conv) · λ   (refresh)   or   dz · λ
+//   d_shortcut       = (dz · gate + excite_conv) · λ   (refresh)   or   dz · λ   (not written if empty)
 //   value_taps[t]    = heads · Σ_hw out[h+i-1, w+j-1] · dz[h, w]
 //   excite_taps[t]   = Σ_hw shortcut[h+i-1, w+j-1] · dz[h, w]        (refresh only)
 //   shortcut_dz      = Σ_hw shortcut · dz
@@ -330,7 +330,7 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
   const int64_t H = p.height, W = p.width, C = p.channels;
   const ImageOperands<T> in(p, b);
   const T* dy = p.dy + in.image;
-  T *d_out = p.d_out + in.image, *d_shortcut = p.d_shortcut + in.image;
+  T *d_out = p.d_out + in.image, *d_shortcut = p.d_shortcut ? p.d_shortcut + in.image : nullptr;
   ForChannelVectors(p, in, 3, [&](const Panels<T>& panels, int64_t c, const Ahead<T>& ahead) DLA_INLINE {
     const Vec dy_scale = S::Load(p.dy_scale + c), offset = S::Load(p.offset + c);
     const Vec z_scale = S::Load(p.z_scale + c), z_mean = S::Load(p.z_mean + c);
@@ -358,7 +358,9 @@ __attribute__((always_inline)) inline void BackwardBody(const Backward<T>& p, in
         S::Store(d_out + at, value_conv[o] * weights.heads);
         d_heads += S::Load(panels.At(kOut, h, w + o)) * value_conv[o];
         shortcut_dz += S::Load(panels.At(kShortcut, h, w + o)) * g;
-        S::Store(d_shortcut + at, kRefresh ? (g * weights.gate + excite_conv[o]) * weights.lam : g * weights.lam);
+        if (d_shortcut) {
+          S::Store(d_shortcut + at, kRefresh ? (g * weights.gate + excite_conv[o]) * weights.lam : g * weights.lam);
+        }
       }
     });
     Vec value_taps[9] = {}, excite_taps[9] = {};
@@ -559,7 +561,7 @@ ffi::Error LightSumBackward(ffi::ThreadPool pool, Pixels<D> out, Pixels<D> short
       z_scale.typed_data(),
       z_mean.typed_data(),
       d_out->typed_data(),
-      d_shortcut->typed_data(),
+      d_shortcut->element_count() ? d_shortcut->typed_data() : nullptr,
       value_taps->typed_data(),
       excite_taps->typed_data(),
       shortcut_dz->typed_data(),
