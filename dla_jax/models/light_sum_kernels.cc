@@ -400,7 +400,7 @@ struct CacheBackward {
 // Channel vectors c .. c + kChunk - 1 of one slot of one image, over all its pixels.
 template <int kChunk, typename T>
 __attribute__((always_inline)) inline void CacheBackwardChunk(const CacheBackward<T>& p, int64_t slot, int64_t b,
-                                                          int64_t c) {
+                                                              int64_t c) {
   using S = Simd<T>;
   const int64_t C = p.channels, image = (slot * p.batch + b) * p.pixels * C;
   const T *weights = p.weights + (slot * p.batch + b) * C + c, *values = p.values + image + c;
@@ -630,25 +630,27 @@ auto LightSumBackwardBinding() {
       .template Ret<Vectors<D>>();        // d_heads
 }
 
-// The cache read's backward pass: weights, d_weights [T, B, C]; values, d_values (in place)
-// [T·B·H·W, C] rows; d_out [B·H·W, C]; filled, the number of slots written.
+// The cache read's backward pass: weights, d_weights [T, B, C]; values, d_values [T, B, H, W, C];
+// d_out [B, H, W, C]; filled, the number of slots written. d_values is aliased with its result,
+// which the kernel updates in place; it comes in its own shape, as XLA copied it around the call
+// when it was reshaped to rows of pixels.
 template <ffi::DataType D>
 ffi::Error CacheReadBackward(ffi::ThreadPool pool, ffi::Buffer<D, 3> weights, ffi::Buffer<D> values,
-                                    ffi::Buffer<D> d_out, ffi::Buffer<D> d_values, ffi::Buffer<ffi::S32, 0> filled,
-                                    ffi::ResultBuffer<D, 3> d_weights, ffi::ResultBuffer<D> d_values_out) {
+                             ffi::Buffer<D> d_out, ffi::Buffer<D> d_values, ffi::Buffer<ffi::S32, 0> filled,
+                             ffi::ResultBuffer<D, 3> d_weights, ffi::ResultBuffer<D> d_values_out) {
   const auto dimensions = weights.dimensions();
-  const int64_t capacity = dimensions[0], batch = dimensions[1];
-  const int64_t rows = capacity * batch, count = std::clamp<int64_t>(filled.typed_data()[0], 0, capacity);
+  const int64_t capacity = dimensions[0], batch = dimensions[1], channels = dimensions[2];
+  const int64_t rows = capacity * batch * channels, count = std::clamp<int64_t>(filled.typed_data()[0], 0, capacity);
   const CacheBackward<ffi::NativeType<D>> problem{batch,
-                                                      rows == 0 ? 0 : values.element_count() / rows / dimensions[2],
-                                                      dimensions[2],
-                                                      capacity,
-                                                      count,
-                                                      weights.typed_data(),
-                                                      values.typed_data(),
-                                                      d_out.typed_data(),
-                                                      d_weights->typed_data(),
-                                                      d_values_out->typed_data()};
+                                                  rows == 0 ? 0 : values.element_count() / rows,  // pixels
+                                                  channels,
+                                                  capacity,
+                                                  count,
+                                                  weights.typed_data(),
+                                                  values.typed_data(),
+                                                  d_out.typed_data(),
+                                                  d_weights->typed_data(),
+                                                  d_values_out->typed_data()};
   return ForEachImage(pool, problem);
 }
 
