@@ -32,13 +32,7 @@ import warnings
 warnings.simplefilter("default")
 import jax, jax.numpy as jnp
 from dla_jax.models import cpu_kernels
-from dla_jax.models.layer_attention import (
-    hand_back_final_values,
-    light_sum,
-    light_sum_batch_norm,
-    weighted_values,
-    weighted_values_saving_nothing,
-)
+from dla_jax.models.layer_attention import light_sum, light_sum_batch_norm
 from dla_jax.models.layers import batch_norm
 from light_sum_cases import composed_light_sum, light_sum_inputs
 args = light_sum_inputs("dla_l", channels=32)

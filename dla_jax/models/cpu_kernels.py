@@ -145,14 +145,18 @@ def over_batch_shards(
     return jax.shard_map(function, in_specs=in_specs, out_specs=out_specs)(*batched, *shared)
 
 
+def _require_support(dtype: Any, channels: int) -> None:
+    if not supports(dtype, channels):
+        raise ValueError(f"the CPU kernels do not take {dtype} [..., {channels}] inputs (see `on_cpu`)")
+
+
 def _kernel_call(handler: str, batched: Sequence[jax.Array], shared: Sequence[jax.Array], results, **attributes):
     """`handler` on the per-image operands (split over the mesh), then the shared ones, in the images' dtype.
 
     `results(images)` gives the output shapes for a share of `images` images.
     """
     dtype = batched[0].dtype
-    if not supports(dtype, batched[0].shape[-1]):
-        raise ValueError(f"the CPU kernels do not take {dtype} [..., {batched[0].shape[-1]}] inputs (see `on_cpu`)")
+    _require_support(dtype, batched[0].shape[-1])
 
     def call(*operands):
         shapes = results(operands[0].shape[0])
@@ -248,8 +252,7 @@ def cache_read_backward(weights, values, d_out, d_values, filled):
     (d_weights [T, B, C], zero past `filled`; d_values [T, B, H, W, C] with weights[t] ⊙ d_out
     added to its first `filled` slots, in place). `filled` is a traced int32 count."""
     dtype, channels = values.dtype, values.shape[-1]
-    if not supports(dtype, channels):
-        raise ValueError(f"the CPU kernels do not take {dtype} [..., {channels}] inputs (see `on_cpu`)")
+    _require_support(dtype, channels)
 
     def call(weights, values, d_out, d_values, filled):
         kernel = jax.ffi.ffi_call(

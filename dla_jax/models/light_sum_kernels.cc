@@ -402,8 +402,8 @@ template <int kChunk, typename T>
 __attribute__((always_inline)) inline void CacheBackwardChunk(const CacheBackward<T>& p, int64_t slot, int64_t b,
                                                               int64_t c) {
   using S = Simd<T>;
-  const int64_t C = p.channels, image = (slot * p.batch + b) * p.pixels * C;
-  const T *weights = p.weights + (slot * p.batch + b) * C + c, *values = p.values + image + c;
+  const int64_t C = p.channels, row = slot * p.batch + b, image = row * p.pixels * C;
+  const T *weights = p.weights + row * C + c, *values = p.values + image + c;
   const T* d_out = p.d_out + b * p.pixels * C + c;
   T* d_values = p.d_values + image + c;
   typename S::Vec sum[kChunk] = {}, weight[kChunk];
@@ -419,7 +419,7 @@ __attribute__((always_inline)) inline void CacheBackwardChunk(const CacheBackwar
     }
   }
 #pragma GCC unroll 4
-  for (int k = 0; k < kChunk; ++k) S::Store(p.d_weights + (slot * p.batch + b) * C + c + k * S::kLanes, sum[k]);
+  for (int k = 0; k < kChunk; ++k) S::Store(p.d_weights + row * C + c + k * S::kLanes, sum[k]);
 }
 
 template <typename T>
