@@ -12,7 +12,9 @@ array is sharded, on any number of hosts, and any changed word changes it.
 
 from __future__ import annotations
 
+import logging
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -87,16 +89,21 @@ def restore_or_explain(restore: Callable[[], Restored]) -> Restored:
 
     When one read fails, orbax abandons the others in flight; they report later, from
     tensorstore's threads or as they are collected (a page of tensorstore details per array,
-    or "Event loop is closed"). Those reports are silenced from before the read (they come
-    from other threads at once) and, after a failure, for the rest of the process.
+    "Event loop is closed", or asyncio's "Task exception was never retrieved" when another
+    read failed just as orbax's loop stopped). Those reports are silenced from before the
+    read (they come from other threads at once) and, after a failure, for the rest of the
+    process.
     """
     report_unraisable = sys.unraisablehook
     sys.unraisablehook = _without_abandoned_reads(report_unraisable)
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addFilter(_drop_abandoned_reads)
     try:
         restored = restore()
     except Exception as err:  # orbax and tensorstore raise many kinds for files they cannot decode
         raise UnreadableError(_root_cause(err)) from err
     sys.unraisablehook = report_unraisable
+    asyncio_logger.removeFilter(_drop_abandoned_reads)
     return restored
 
 
@@ -107,10 +114,21 @@ def _root_cause(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+def _is_abandoned_read(text: str) -> bool:
+    """Whether a report's text comes from one of orbax's array reads."""
+    return "_read_array_index" in text
+
+
 def _without_abandoned_reads(report_unraisable):
     def unraisable(report) -> None:
         closed_loop = isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"
-        if not closed_loop and "_read_array_index" not in repr(report.object):
+        if not closed_loop and not _is_abandoned_read(repr(report.object)):
             report_unraisable(report)
 
     return unraisable
+
+
+def _drop_abandoned_reads(record: logging.LogRecord) -> bool:
+    """A filter for asyncio's logger: False for its report of a read orbax abandoned."""
+    error = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
+    return not _is_abandoned_read(record.getMessage() + error)

@@ -1,4 +1,8 @@
-"""Fingerprints: the same for the same values however they are sharded, different after any change."""
+"""Fingerprints: the same for the same values however they are sharded, different after any change; a
+failed read reported in one line."""
+
+import asyncio
+import gc
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from dla_jax.integrity import changed_arrays, fingerprints
+from dla_jax.integrity import UnreadableError, changed_arrays, fingerprints, restore_or_explain
 
 
 def tree() -> dict:
@@ -54,3 +58,38 @@ def test_missing_and_extra_arrays_count_as_changed():
     del fewer["mask"]
     assert changed_arrays(fewer, saved) == ["mask"]
     assert changed_arrays(dict(tree(), extra=jnp.zeros(3)), saved) == ["extra"]
+
+
+async def _read_array_index_and_device_put(name: str, turns: int) -> None:
+    """Stands in for orbax's read of one array: its damage is found after `turns` turns of the loop."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    raise ValueError(f"{name}: Truncated Zstd-compressed stream")
+
+
+def read_two_damaged_arrays() -> None:
+    """Orbax's restore as it runs (gather on a fresh loop, closed after the first error), with a second
+    read failing as the loop stops: nothing retrieves its error, so asyncio reports it when collected."""
+
+    async def read_all() -> None:
+        await asyncio.gather(_read_array_index_and_device_put("a", 0), _read_array_index_and_device_put("b", 3))
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(read_all())
+    finally:
+        loop.close()
+
+
+def test_a_failed_read_is_one_error_without_asyncio_reports(caplog):
+    def asyncio_reports() -> list[str]:
+        gc.collect()
+        return [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+    with pytest.raises(ValueError):
+        read_two_damaged_arrays()
+    assert any("never retrieved" in report for report in asyncio_reports())  # the race this test is about
+    caplog.clear()
+    with pytest.raises(UnreadableError, match="^a: Truncated Zstd-compressed stream$"):
+        restore_or_explain(read_two_damaged_arrays)
+    assert asyncio_reports() == []
