@@ -150,35 +150,44 @@ def _require_support(dtype: Any, channels: int) -> None:
         raise ValueError(f"the CPU kernels do not take {dtype} [..., {channels}] inputs (see `on_cpu`)")
 
 
-def _kernel_call(handler: str, batched: Sequence[jax.Array], shared: Sequence[jax.Array], results, **attributes):
+def _kernel_call(
+    handler: str, batched: Sequence[jax.Array], shared: Sequence[jax.Array], results, *, as_rows: bool, **attributes
+):
     """`handler` on the per-image operands (split over the mesh), then the shared ones, in the images' dtype.
 
-    `results(images)` gives the output shapes for a share of `images` images.
+    `results(images)` gives the output shapes for a share of `images` images. The images go
+    to the kernel as [B·H·W, C] rows of pixels where `as_rows` (the backward passes), else in
+    their own [B, H, W, C] shape (the forward pass), each where XLA hands the kernel a copy it
+    makes anyway:
+    * backward, a scanned block's saved input comes out of the scan's stack as one copy for
+      the kernel and the 1x1 conv whose weight gradient reads it as rows, instead of two
+      (DLA-L-56: one 33 MB copy less per block at stage 0);
+    * forward, the block output the kernel reads is the one XLA computes for its pooling,
+      instead of being computed again as rows (DLA-L-56: one pass over 3 tensors less per
+      block; XLA computes it inside each consumer's fusion, and the bitcast to rows makes
+      the kernel's fusion differ from the pooling's).
     """
     dtype = batched[0].dtype
     _require_support(dtype, batched[0].shape[-1])
 
     def call(*operands):
         shapes = results(operands[0].shape[0])
+        layout = _as_rows if as_rows else tuple
         kernel = jax.ffi.ffi_call(
             _target(handler, dtype),
-            [jax.ShapeDtypeStruct(_as_pixels(shape), dtype) for shape in shapes],
+            [jax.ShapeDtypeStruct(layout(shape), dtype) for shape in shapes],
             vmap_method="sequential",
         )
         width = np.int64(operands[0].shape[2])
-        outputs = kernel(*(x.reshape(_as_pixels(x.shape)) for x in operands), width=width, **attributes)
+        outputs = kernel(*(x.reshape(layout(x.shape)) for x in operands), width=width, **attributes)
         return [output.reshape(shape) for output, shape in zip(outputs, shapes, strict=True)]
 
     batched = [operand.astype(dtype) for operand in batched]
     return over_batch_shards(call, batched, [operand.astype(dtype) for operand in shared])
 
 
-def _as_pixels(shape: Sequence[int]) -> tuple[int, ...]:
-    """[B, H, W, C] images as the kernels take them, [B·H·W, C] rows of pixels (see the source); others as they are.
-
-    In this shape XLA hands the kernels the same copy of a scanned block's saved input as the
-    1x1 conv that reads it, instead of a second copy (DLA-L-56: one 33 MB copy less per block at stage 0).
-    """
+def _as_rows(shape: Sequence[int]) -> tuple[int, ...]:
+    """[B, H, W, C] images as [B·H·W, C] rows of pixels; other shapes as they are."""
     return (math.prod(shape[:-1]), shape[-1]) if len(shape) == 4 else tuple(shape)
 
 
@@ -198,7 +207,9 @@ def light_sum_forward(out, shortcut, heads, gate, value_kernel, excite_kernel, l
         return [(images, *shape)] + [(images, channels)] * 2
 
     batched, shared = (out, shortcut, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam)
-    return _kernel_call("LightSumForward", batched, shared, results, refresh=refresh, statistics=statistics)
+    return _kernel_call(
+        "LightSumForward", batched, shared, results, as_rows=False, refresh=refresh, statistics=statistics
+    )
 
 
 def light_sum_gradient_sums(out, shortcut, dy, heads, gate, value_kernel, excite_kernel, lam, z_mean, *, refresh: bool):
@@ -210,7 +221,7 @@ def light_sum_gradient_sums(out, shortcut, dy, heads, gate, value_kernel, excite
         return [(images, channels)] * 2
 
     batched, shared = (out, shortcut, dy, heads, gate), (_taps(value_kernel), _taps(excite_kernel), lam, z_mean)
-    return _kernel_call("LightSumGradientSums", batched, shared, results, refresh=refresh)
+    return _kernel_call("LightSumGradientSums", batched, shared, results, as_rows=True, refresh=refresh)
 
 
 def light_sum_backward(
@@ -244,7 +255,9 @@ def light_sum_backward(
 
     batched = (out, shortcut, dy, heads, gate)
     shared = (_taps(value_kernel), _taps(excite_kernel), lam, dy_scale, offset, z_scale, z_mean)
-    return _kernel_call("LightSumBackward", batched, shared, results, refresh=refresh, batch_norm=batch_norm)
+    return _kernel_call(
+        "LightSumBackward", batched, shared, results, as_rows=True, refresh=refresh, batch_norm=batch_norm
+    )
 
 
 def cache_read_backward(weights, values, d_out, d_values, filled):

@@ -488,10 +488,11 @@ ffi::Error ForEachImage(ffi::ThreadPool& pool, const Problem& problem) {
   return ffi::Error::Success();
 }
 
-// Images come as [B·H·W, C] rows of pixels, with W an attribute: in this shape XLA hands the
-// kernels the same copy of a scanned block's saved input as the conv that reads it.
+// Images come in any shape whose last axis is the channels, with W an attribute: the forward
+// pass takes them as [B, H, W, C], the backward passes as [B·H·W, C] rows of pixels (see
+// `cpu_kernels._kernel_call` for why).
 template <ffi::DataType D>
-using Pixels = ffi::Buffer<D, 2>;
+using Pixels = ffi::Buffer<D>;
 template <ffi::DataType D>
 using Vectors = ffi::Buffer<D, 2>;
 
@@ -502,11 +503,12 @@ template <ffi::DataType D>
 Operands<ffi::NativeType<D>> Read(Pixels<D> out, Pixels<D> shortcut, Vectors<D> heads, Vectors<D> gate,
                                   Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
                                   bool refresh, int64_t width) {
-  const int64_t batch = heads.dimensions()[0], pixels = out.dimensions()[0];
+  const int64_t batch = heads.dimensions()[0], channels = out.dimensions().back();
+  const int64_t pixels = channels == 0 ? 0 : out.element_count() / channels;
   return {batch,
           batch == 0 || width == 0 ? 0 : pixels / batch / width,
           width,
-          out.dimensions()[1],
+          channels,
           refresh,
           out.typed_data(),
           shortcut.typed_data(),
@@ -520,7 +522,7 @@ Operands<ffi::NativeType<D>> Read(Pixels<D> out, Pixels<D> shortcut, Vectors<D> 
 template <ffi::DataType D>
 ffi::Error LightSumForward(ffi::ThreadPool pool, Pixels<D> out, Pixels<D> shortcut, Vectors<D> heads, Vectors<D> gate,
                            Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam, bool refresh,
-                           int64_t width, bool statistics, ffi::ResultBuffer<D, 2> z, ffi::ResultBuffer<D, 2> image_mean,
+                           int64_t width, bool statistics, ffi::ResultBuffer<D> z, ffi::ResultBuffer<D, 2> image_mean,
                            ffi::ResultBuffer<D, 2> image_m2) {
   const Forward<ffi::NativeType<D>> problem{{Read(out, shortcut, heads, gate, value_kernel, excite_kernel, lam, refresh, width)},
                                             statistics,
@@ -548,8 +550,8 @@ template <ffi::DataType D>
 ffi::Error LightSumBackward(ffi::ThreadPool pool, Pixels<D> out, Pixels<D> shortcut, Pixels<D> dy, Vectors<D> heads,
                             Vectors<D> gate, Vectors<D> value_kernel, Vectors<D> excite_kernel, ffi::Buffer<D, 1> lam,
                             ffi::Buffer<D, 1> dy_scale, ffi::Buffer<D, 1> offset, ffi::Buffer<D, 1> z_scale,
-                            ffi::Buffer<D, 1> z_mean, bool refresh, int64_t width, bool batch_norm, ffi::ResultBuffer<D, 2> d_out,
-                            ffi::ResultBuffer<D, 2> d_shortcut, ffi::ResultBuffer<D, 3> value_taps,
+                            ffi::Buffer<D, 1> z_mean, bool refresh, int64_t width, bool batch_norm, ffi::ResultBuffer<D> d_out,
+                            ffi::ResultBuffer<D> d_shortcut, ffi::ResultBuffer<D, 3> value_taps,
                             ffi::ResultBuffer<D, 3> excite_taps, ffi::ResultBuffer<D, 2> shortcut_dz,
                             ffi::ResultBuffer<D, 2> d_heads) {
   const Backward<ffi::NativeType<D>> problem{
