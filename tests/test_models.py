@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dla_jax.convert import from_torch_state_dict
-from dla_jax.models import FAMILIES, cpu_kernels, create_model, stack_blocks, unstack_blocks
+from dla_jax.models import FAMILIES, cpu_kernels, create_model, stack_blocks, stages, unstack_blocks
 from dla_jax.models.layer_attention import (
     _channel_conv1d_by_band,
     _channel_conv1d_by_shifts,
@@ -32,6 +32,7 @@ from dla_jax.models.layers import (
     conv2d,
     depthwise_conv3x3,
     relu_from_output,
+    repeat_leading,
 )
 
 from light_sum_cases import composed_light_sum, grouped_conv3x3, light_sum_inputs
@@ -373,6 +374,34 @@ def test_relu_from_output_and_its_gradient_equal_jax_relu():
     x = jnp.concatenate([jax.random.normal(jax.random.key(0), (4, 5, 6)).ravel(), jnp.zeros(7), jnp.array([-0.0])])
     assert_values_and_gradients_close(relu_from_output, jax.nn.relu, x)
     assert (jax.grad(lambda x: jnp.sum(relu_from_output(x)))(x)[-8:] == 0).all()
+
+
+def test_repeat_leading_and_its_gradient_equal_a_broadcast():
+    """repeat_leading equals broadcasting along a new leading axis, and its gradient (the slices
+    summed in one product) equals autodiff's reduction of the broadcast."""
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    assert_values_and_gradients_close(
+        lambda x: repeat_leading(x, 5) * jnp.arange(5.0)[:, None, None],
+        lambda x: jnp.broadcast_to(x, (5, 4, 6)) * jnp.arange(5.0)[:, None, None],
+        x,
+    )
+
+
+@pytest.mark.parametrize("dsu_context", ["per_sample", "first_sample"])
+def test_dla_b_refresh_has_the_gradients_of_the_broadcast_context(dsu_context, monkeypatch):
+    """DLA-B's refresh repeats w_hh(h) and c over its cache with `repeat_leading`: the model's
+    logits, gradients and BN statistics equal those with a plain broadcast (float64)."""
+    with jax.enable_x64(True):
+        model = create_model(
+            "dla_b", layout="cifar", depth=20, num_classes=10, dtype=jnp.float64, dsu_context=dsu_context
+        )
+        variables, images = _init(model, size=16)
+        variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables)
+        images = images.astype(jnp.float64)
+        ours = _loss_and_stats(model, variables, images)
+        monkeypatch.setattr(stages, "repeat_leading", lambda x, count: jnp.broadcast_to(x, (count, *x.shape)))
+        broadcast = _loss_and_stats(model, variables, images)
+        chex.assert_trees_all_close(ours, broadcast, rtol=1e-10, atol=1e-12)
 
 
 def test_channel_conv1d_equals_torch_conv1d_along_channels():

@@ -7,6 +7,8 @@ for a per-channel gate that rescales an earlier output.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,17 +31,30 @@ class _MLP(nn.Module):
 
 
 class DSU(nn.Module):
-    """One DSU step: (y, (h, c)) -> (h', c'), in at least float32 (the vectors are tiny)."""
+    """One DSU step: (y, (h, c)) -> (h', c'), in at least float32 (the vectors are tiny).
+
+    `hidden_terms` and `from_hidden_terms` split the step where h enters, for DLA-B's refresh:
+    its cache entries share one context, so w_hh(h) is computed once for all of them.
+    """
 
     channels: int
     reduction: int
 
-    @nn.compact
+    def setup(self):
+        self.w_ih = _MLP(self.channels, self.reduction)
+        self.w_hh = _MLP(self.channels, self.reduction)
+
     def __call__(self, y: jax.Array, context: Context) -> Context:
         h, c = context
-        gates = _MLP(self.channels, self.reduction, name="w_ih")(y.astype(at_least_float32(y.dtype))) + _MLP(
-            self.channels, self.reduction, name="w_hh"
-        )(h)
+        return self.from_hidden_terms(y, self.hidden_terms(h), c)
+
+    def hidden_terms(self, h: jax.Array) -> jax.Array:
+        """The gates' terms from the hidden state, w_hh(h): [..., 3C]."""
+        return self.w_hh(h)
+
+    def from_hidden_terms(self, y: jax.Array, hidden_terms: jax.Array, c: jax.Array) -> Context:
+        """The step for input y, given `hidden_terms(h)` and the cell state c."""
+        gates = self.w_ih(y.astype(at_least_float32(y.dtype))) + hidden_terms
         input_gate, forget_gate, candidate = jnp.split(gates, 3, axis=-1)
         c = nn.sigmoid(forget_gate) * c + nn.sigmoid(input_gate) * jnp.tanh(candidate)
         return nn.sigmoid(c), c
@@ -67,9 +82,10 @@ def init_dsu_params(key: jax.Array, channels: int, reduction: int) -> dict:
     return DSU(channels, reduction, parent=None).init(key, zeros, (zeros, zeros))["params"]
 
 
-def apply_dsu(params: dict, channels: int, reduction: int, y: jax.Array, context: Context) -> Context:
-    """Run the shared DSU as a pure function of its parameters (usable inside scan/vmap).
+def apply_dsu(params: dict, channels: int, reduction: int, *inputs: jax.Array, method: str = "__call__") -> Any:
+    """Run the shared DSU (or one of its `method`s) as a pure function of its parameters
+    (usable inside scan/vmap).
 
     `parent=None` keeps the cell from binding to whichever module happens to call it.
     """
-    return DSU(channels, reduction, parent=None).apply({"params": params}, y, context)
+    return DSU(channels, reduction, parent=None).apply({"params": params}, *inputs, method=method)

@@ -36,6 +36,7 @@ from dla_jax.models.layers import (
     depthwise_kernel_init,
     global_avg_pool,
     materialized_on_cpu,
+    repeat_leading,
 )
 
 FAMILIES = ("resnet", "mrla_l", "dla_l", "dla_b")
@@ -130,16 +131,23 @@ class Unit(nn.Module):
         maps; they are read once, in the weighted sum.
         """
         carry["context"] = self._dsu(shared, global_avg_pool(out), carry["context"])
-        context = refresh_context(carry["context"], self.dsu_context)
+        h, c = refresh_context(carry["context"], self.dsu_context)
         cache, index = dict(carry["cache"]), carry["index"]
+        capacity = cache["keys"].shape[0]
+        # Every entry sees the same context: w_hh(h) once, then h's terms and c repeated over the cache.
+        hidden_terms = apply_dsu(shared["dsu"], h.shape[-1], self.reduction, h, method="hidden_terms")
+        hidden_terms, c = repeat_leading(hidden_terms, capacity), repeat_leading(c, capacity)
 
-        def refresh(cached_key, value_mean, value_scale):
-            cached_key = cached_key * self._dsu(shared, cached_key, context)[0]
-            value_scale = value_scale * self._dsu(shared, value_mean * value_scale, context)[0]
-            return cached_key, value_scale
+        def refresh(cached_key, value_mean, value_scale, hidden_terms, c):
+            def gate(y):
+                return apply_dsu(
+                    shared["dsu"], y.shape[-1], self.reduction, y, hidden_terms, c, method="from_hidden_terms"
+                )[0]
+
+            return cached_key * gate(cached_key), value_scale * gate(value_mean * value_scale)
 
         cache["keys"], cache["value_scales"] = jax.vmap(refresh)(
-            cache["keys"], cache["value_means"], cache["value_scales"]
+            cache["keys"], cache["value_means"], cache["value_scales"], hidden_terms, c
         )
         self.sow("intermediates", "value_scales", cache["value_scales"])
         entries = {
@@ -150,8 +158,7 @@ class Unit(nn.Module):
         }
         for name, entry in entries.items():
             cache[name] = jax.lax.dynamic_update_index_in_dim(cache[name], entry.astype(cache[name].dtype), index, 0)
-        capacity = cache["keys"].shape[0]
-        scores = head_scores(query[None], cache["keys"])
+        scores = head_scores(repeat_leading(query, capacity), cache["keys"])
         written = (jnp.arange(capacity) <= index)[:, None, None]
         weights = jax.nn.softmax(jnp.where(written, scores, -jnp.inf), axis=0)
         self.sow("intermediates", "attention", weights)
