@@ -96,8 +96,9 @@ class Unit(nn.Module):
             branch = self._light_with_previous(carry, shared, out, shortcut, query, key, value_kernel)
         return carry, branch
 
-    def _dsu(self, shared: dict, y: jax.Array, context: tuple[jax.Array, jax.Array]):
-        return apply_dsu(shared["dsu"], y.shape[-1], self.reduction, y, context)
+    def _dsu(self, shared: dict, *inputs: Any, method: str = "__call__"):
+        """The stage's DSU (or its `method`) on inputs whose first is [..., C]."""
+        return apply_dsu(shared["dsu"], inputs[0].shape[-1], self.reduction, *inputs, method=method)
 
     def _light_with_previous(self, carry, shared, out, shortcut, query, key, value_kernel) -> jax.Array:
         """MRLA-light / DLA-L: BN(light attention + λ ⊙ previous output).
@@ -135,14 +136,12 @@ class Unit(nn.Module):
         cache, index = dict(carry["cache"]), carry["index"]
         capacity = cache["keys"].shape[0]
         # Every entry sees the same context: w_hh(h) once, then h's terms and c repeated over the cache.
-        hidden_terms = apply_dsu(shared["dsu"], h.shape[-1], self.reduction, h, method="hidden_terms")
+        hidden_terms = self._dsu(shared, h, method="hidden_terms")
         hidden_terms, c = repeat_leading(hidden_terms, capacity), repeat_leading(c, capacity)
 
         def refresh(cached_key, value_mean, value_scale, hidden_terms, c):
             def gate(y):
-                return apply_dsu(
-                    shared["dsu"], y.shape[-1], self.reduction, y, hidden_terms, c, method="from_hidden_terms"
-                )[0]
+                return self._dsu(shared, y, hidden_terms, c, method="from_hidden_terms")[0]
 
             return cached_key * gate(cached_key), value_scale * gate(value_mean * value_scale)
 
