@@ -15,12 +15,18 @@ configuration with `jax.profiler` (TensorBoard/XProf/Perfetto read DIR/<configur
 and writes each compiled step's HLO beside it, whose `op_name` metadata maps XLA's fusions
 back to the model's modules. More than one device on a CPU needs
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
+
+`--official-code CHECKOUT` also times the authors' PyTorch models (CIFAR layout, float32,
+this CPU; a clone of https://github.com/tunantu/Dynamic-Layer-Attention, with torch and
+einops installed) in the same run, each stepped as the official cifar.py steps it, beside ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -49,6 +55,10 @@ SPEC_MACS = {
 }
 IMAGE_SIZES = {"cifar": 32, "imagenet": 224}
 MODES = ("train", "eval")
+# The official code's CIFAR model files, each defining a constructor of the file's name, per family.
+OFFICIAL_MODELS = {"resnet": "resnet", "mrla_l": "mrla_light", "dla_l": "dla_l", "dla_b": "dla_b"}
+OFFICIAL_MODELS_FOLDER = Path("image_classification/cifar/models/cifar")
+OFFICIAL_REQUIREMENTS = ("torch", "einops")
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
@@ -144,7 +154,7 @@ class Case:
             "eval": loop.eval_function(model, mesh, state_shardings.variables()),
         }
         self.compiled: dict[str, Any] = {}
-        self.result: dict[str, Any] = dict(setting, scan=scan, remat_attention=remat)
+        self.result: dict[str, Any] = dict(setting, implementation="dla_jax", scan=scan, remat_attention=remat)
         for mode in modes:
             start = time.perf_counter()
             weights = self.state if mode == "train" else self.state.variables()
@@ -192,16 +202,101 @@ class Case:
                     self.run(mode)
 
     def summarise(self, warmup: int) -> dict[str, Any]:
-        batch = self.setting["batch_size"]
-        for mode, times in self.times.items():
-            kept = times[warmup:]
-            if kept:
-                median = statistics.median(kept)
-                self.result[f"{mode}_step_s"] = median
-                self.result[f"{mode}_images_per_s"] = batch / median
-                self.result[f"{mode}_steps_timed"] = len(kept)
-                self.result[f"{mode}_step_times_s"] = kept
+        summarise_times(self.result, self.times, warmup)
         self.result["device_peak_bytes"] = _device_peak_bytes(self.devices)
+        return self.result
+
+
+def summarise_times(result: dict[str, Any], times: dict[str, list[float]], warmup: int) -> None:
+    """Each mode's median step time and throughput, and its timed steps, into `result`."""
+    for mode, steps in times.items():
+        kept = steps[warmup:]
+        if kept:
+            median = statistics.median(kept)
+            result[f"{mode}_step_s"] = median
+            result[f"{mode}_images_per_s"] = result["batch_size"] / median
+            result[f"{mode}_steps_timed"] = len(kept)
+            result[f"{mode}_step_times_s"] = kept
+
+
+def official_models_folder(path: Path) -> Path:
+    """The official code's CIFAR model folder: inside the checkout `path`, or `path` itself."""
+    for folder in (path / OFFICIAL_MODELS_FOLDER, path):
+        if (folder / "dla_l.py").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{path} holds neither {OFFICIAL_MODELS_FOLDER}/dla_l.py nor dla_l.py: give a clone of "
+        "https://github.com/tunantu/Dynamic-Layer-Attention"
+    )
+
+
+@contextlib.contextmanager
+def _cuda_as_no_op(torch: Any):
+    """The official code makes its DSU's zero state with `.cuda()`; here everything stays on the CPU."""
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda
+
+
+class OfficialCase:
+    """The authors' PyTorch model for one CIFAR setting, on this CPU, stepped as their cifar.py
+    steps it (cross-entropy, SGD with momentum 0.9; weight decay 1e-4 as in `Case`), on a
+    synthetic batch of `Case`'s shape; its rows say implementation "official-pytorch"."""
+
+    def __init__(self, setting: dict[str, Any], folder: Path, *, modes: tuple[str, ...], seed: int = 0):
+        import torch  # optional: only for --official-code
+
+        self.torch, self.setting, self.modes = torch, setting, modes
+        name = OFFICIAL_MODELS[setting["family"]]
+        spec = importlib.util.spec_from_file_location(f"official_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        torch.manual_seed(seed)
+        self.model = getattr(module, name)(
+            depth=setting["depth"], num_classes=setting["num_classes"], block_name="bottleneck"
+        )
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        rng = np.random.default_rng(seed)
+        batch, size = setting["batch_size"], setting["image_size"]
+        self.images = torch.from_numpy(rng.standard_normal((batch, 3, size, size), np.float32))
+        self.labels = torch.from_numpy(rng.integers(0, setting["num_classes"], batch))
+        self.result: dict[str, Any] = dict(setting, implementation="official-pytorch", scan=None, remat_attention=None)
+        self.times: dict[str, list[float]] = {mode: [] for mode in modes}
+
+    def run(self, mode: str) -> float:
+        """One step (train: forward, backward, SGD update; eval: forward without gradients); its wall time."""
+        torch = self.torch
+        start = time.perf_counter()
+        with _cuda_as_no_op(torch):
+            if mode == "train":
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(self.model(self.images), self.labels).backward()
+                self.optimizer.step()
+            else:
+                self.model.eval()
+                with torch.no_grad():
+                    self.model(self.images)
+        return time.perf_counter() - start
+
+    def name(self) -> str:
+        s = self.setting
+        return f"official-{s['family']}-cifar{s['depth']}-b{s['batch_size']}-float32"
+
+    def profile(self, directory: Path, steps: int) -> None:
+        """Trace `steps` more steps of each mode with torch.profiler into directory/<name>.trace.json."""
+        directory.mkdir(parents=True, exist_ok=True)
+        with self.torch.profiler.profile() as trace:
+            for _ in range(steps):
+                for mode in self.modes:
+                    self.run(mode)
+        trace.export_chrome_trace(str(directory / f"{self.name()}.trace.json"))
+
+    def summarise(self, warmup: int) -> dict[str, Any]:
+        summarise_times(self.result, self.times, warmup)
         return self.result
 
 
@@ -216,15 +311,19 @@ def run_benchmark(
     interleave: bool = False,
     profile: Path | None = None,
     profile_steps: int = 3,
+    official_code: Path | None = None,
     log: Callable[[str], None] = lambda text: None,
 ) -> list[dict[str, Any]]:
     """Compiles every setting, then times `warmup + steps` steps of each (round-robin if
-    `interleave`); with `profile`, traces `profile_steps` more of each afterwards."""
-    cases = []
+    `interleave`); with `profile`, traces `profile_steps` more of each afterwards. With
+    `official_code` (a checkout), each setting's official PyTorch model is timed after ours."""
+    cases: list[Case | OfficialCase] = []
     for setting in settings:
         log(f"compiling {describe(setting)}")
         cases.append(Case(setting, scan=scan, remat=remat, modes=modes))
         log("  " + ", ".join(f"{m} {cases[-1].result[f'{m}_compile_s']:.1f}s" for m in modes))
+        if official_code is not None:
+            cases.append(OfficialCase(setting, official_models_folder(official_code), modes=modes))
     groups = [cases] * (warmup + steps) if interleave else [[case] * (warmup + steps) for case in cases]
     for index, group in enumerate(groups):
         for case in group:
@@ -245,18 +344,24 @@ def describe(setting: dict[str, Any]) -> str:
     )
 
 
+# What `add_ratios` compares, and the prefix of each ratio's name.
+RATIOS = {"train_step_s": "train", "eval_step_s": "eval", "train_compile_s": "train_compile"}
+
+
 def add_ratios(results: list[dict[str, Any]]) -> None:
-    """Step time relative to plain ResNet with the same layout, depth, batch, dtype, devices."""
-    key = lambda r: (r["layout"], r["depth"], r["batch_size"], r["dtype"], r["devices"])  # noqa: E731
-    baselines = {key(r): r for r in results if r["family"] == "resnet"}
+    """Step time relative to the same implementation's plain ResNet with the same layout, depth,
+    batch, dtype and devices; and ours relative to the official PyTorch code's same model."""
+    setting = lambda r: (r["layout"], r["depth"], r["batch_size"], r["dtype"], r["devices"])  # noqa: E731
+    resnets = {(r["implementation"], setting(r)): r for r in results if r["family"] == "resnet"}
+    officials = {(r["family"], setting(r)): r for r in results if r["implementation"] == "official-pytorch"}
     for result in results:
-        base = baselines.get(key(result))
-        for mode in MODES:
-            name = f"{mode}_step_s"
-            if base and name in result and name in base:
-                result[f"{mode}_vs_resnet"] = result[name] / base[name]
-        if base and "train_compile_s" in result and "train_compile_s" in base:
-            result["train_compile_vs_resnet"] = result["train_compile_s"] / base["train_compile_s"]
+        baselines = {"resnet": resnets.get((result["implementation"], setting(result)))}
+        if result["implementation"] == "dla_jax":
+            baselines["official"] = officials.get((result["family"], setting(result)))
+        for against, base in baselines.items():
+            for measure, ratio in RATIOS.items():
+                if base and measure in result and measure in base:
+                    result[f"{ratio}_vs_{against}"] = result[measure] / base[measure]
 
 
 def _format(value: Any, digits: int) -> str:
@@ -264,26 +369,30 @@ def _format(value: Any, digits: int) -> str:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One row per configuration: throughput, ratio to ResNet, compile times, FLOPs, memory."""
+    """One row per configuration: throughput, step time relative to ResNet (and to the official
+    code's same model), compile times, FLOPs, memory."""
     header = (
-        "| family | layout | depth | batch | dtype | devices | scan | remat | train img/s | train x ResNet "
-        "| eval img/s | train compile s | eval compile s | XLA GFLOP/img (train) | XLA GFLOP/img (eval) "
-        "| spec GMAC/img | train temp MiB |"
+        "| implementation | family | layout | depth | batch | dtype | devices | scan | remat | train img/s "
+        "| train x ResNet | train x official | eval img/s | train compile s | eval compile s "
+        "| XLA GFLOP/img (train) | XLA GFLOP/img (eval) | spec GMAC/img | train temp MiB |"
     )
+    yes_no = {True: "yes", False: "no", None: ""}
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         temp = r.get("train_memory", {}).get("temp_size_in_bytes")
         cells = [
+            r["implementation"],
             r["family"],
             r["layout"],
             str(r["depth"]),
             str(r["batch_size"]),
             r["dtype"],
             str(r["devices"]),
-            "yes" if r["scan"] else "no",
-            "yes" if r["remat_attention"] else "no",
+            yes_no[r["scan"]],
+            yes_no[r["remat_attention"]],
             _format(r.get("train_images_per_s"), 1),
             _format(r.get("train_vs_resnet"), 2),
+            _format(r.get("train_vs_official"), 2),
             _format(r.get("eval_images_per_s"), 1),
             _format(r.get("train_compile_s"), 1),
             _format(r.get("eval_compile_s"), 1),
@@ -356,6 +465,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, default=None, help="trace extra steps into this folder")
     parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--official-code",
+        type=Path,
+        default=None,
+        help="a clone of the authors' PyTorch code: time its models too (needs torch and einops)",
+    )
     args = parser.parse_args(argv)
     for family in args.families:
         if family not in models.FAMILIES:
@@ -385,7 +500,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--batch-sizes {batch} is not divisible by --devices {count}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.official_code is not None:
+        _check_official_code(parser, args)
     return args
+
+
+def _check_official_code(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--official-code's checkout, settings and requirements: its CIFAR models, 32x32, float32, one device."""
+    try:
+        folder = official_models_folder(args.official_code)
+    except FileNotFoundError as err:
+        parser.error(f"--official-code: {err}")
+    missing_files = [
+        f"{OFFICIAL_MODELS[f]}.py" for f in args.families if not (folder / f"{OFFICIAL_MODELS[f]}.py").is_file()
+    ]
+    if missing_files:
+        parser.error(f"--official-code: {folder} has no {', '.join(missing_files)}")
+    cifar = args.layout == "cifar" and args.image_size in (None, IMAGE_SIZES["cifar"])
+    if not cifar or args.dtypes != ["float32"] or args.devices != [1] or args.compile_only:
+        parser.error(
+            "--official-code times the official CIFAR models (32x32) in float32 on one device: use "
+            "--layout cifar --dtypes float32 --devices 1, without --compile-only"
+        )
+    missing = [name for name in OFFICIAL_REQUIREMENTS if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"--official-code needs {' and '.join(missing)}: pip install {' '.join(missing)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,11 +556,16 @@ def main(argv: list[str] | None = None) -> int:
         warmup=0 if args.compile_only else args.warmup,
         interleave=args.interleave,
         profile=None if args.compile_only else args.profile,
+        official_code=args.official_code,
         log=log,
     )
     add_ratios(results)
     table = markdown_table(results)
     machine = dict(machine_description(), malloc_tuned=args.malloc_tuned)
+    if args.official_code is not None:
+        import torch  # checked by parse_args
+
+        machine.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads())
     record = {"machine": machine, "command": " ".join(sys.argv), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))

@@ -90,6 +90,49 @@ def test_benchmark_rejects_bad_arguments(capsys, malloc_tunings):
         assert message in capsys.readouterr().err
 
 
+def test_benchmark_checks_the_official_code_it_is_given(tmp_path, capsys, monkeypatch, malloc_tunings):
+    benchmark = load_script("benchmark")
+    checkout = tmp_path / "Dynamic-Layer-Attention"
+    models_folder = checkout / "image_classification" / "cifar" / "models" / "cifar"
+    models_folder.mkdir(parents=True)
+    for name in ("resnet", "dla_l"):
+        (models_folder / f"{name}.py").touch()
+    assert benchmark.official_models_folder(checkout) == models_folder
+    assert benchmark.official_models_folder(models_folder) == models_folder
+    official = ["--official-code", str(checkout)]
+    for argv, message in [
+        (["--official-code", str(tmp_path)], "holds neither"),
+        ([*official, "--families", "resnet,dla_b"], "has no dla_b.py"),
+        ([*official, "--families", "resnet,dla_l", "--dtypes", "bfloat16"], "in float32 on one device"),
+        ([*official, "--families", "resnet,dla_l", "--layout", "imagenet", "--depths", "50"], "CIFAR models"),
+    ]:
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        benchmark.parse_args([*official, "--families", "resnet,dla_l"])
+    assert "pip install torch einops" in capsys.readouterr().err
+
+
+def test_benchmark_ratios_pair_each_implementation_with_its_own_resnet():
+    benchmark = load_script("benchmark")
+    setting = dict(layout="cifar", depth=20, batch_size=128, dtype="float32", devices=1)
+    steps = {("dla_jax", "resnet"): 0.5, ("dla_jax", "dla_l"): 0.6, ("official-pytorch", "resnet"): 0.4}
+    steps[("official-pytorch", "dla_l")] = 1.2
+    results = [
+        dict(setting, implementation=implementation, family=family, train_step_s=step, eval_step_s=step / 4)
+        for (implementation, family), step in steps.items()
+    ]
+    benchmark.add_ratios(results)
+    ours, official = {r["family"]: r for r in results[:2]}, {r["family"]: r for r in results[2:]}
+    assert ours["dla_l"]["train_vs_resnet"] == pytest.approx(1.2)
+    assert official["dla_l"]["train_vs_resnet"] == pytest.approx(3.0)
+    assert ours["dla_l"]["train_vs_official"] == pytest.approx(0.5)
+    assert ours["resnet"]["eval_vs_official"] == pytest.approx(1.25)
+    assert not any("train_vs_official" in r for r in official.values())
+
+
 def test_plots_from_a_short_training_run(tmp_path):
     workdir = tmp_path / "run"
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=2), workdir)
