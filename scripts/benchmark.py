@@ -16,7 +16,7 @@ and writes each compiled step's HLO beside it, whose `op_name` metadata maps XLA
 back to the model's modules. More than one device on a CPU needs
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
 
-`--official-code CHECKOUT` also times the authors' PyTorch models (CIFAR layout, float32,
+`--official-code CLONE` also times the authors' PyTorch models (CIFAR layout, float32,
 this CPU; a clone of https://github.com/tunantu/Dynamic-Layer-Attention, with torch and
 einops installed) in the same run, each stepped as the official cifar.py steps it, beside ours.
 """
@@ -220,7 +220,7 @@ def summarise_times(result: dict[str, Any], times: dict[str, list[float]], warmu
 
 
 def official_models_folder(path: Path) -> Path:
-    """The official code's CIFAR model folder: inside the checkout `path`, or `path` itself."""
+    """The official code's CIFAR model folder: inside the clone `path`, or `path` itself."""
     for folder in (path / OFFICIAL_MODELS_FOLDER, path):
         if (folder / "dla_l.py").is_file():
             return folder
@@ -316,14 +316,15 @@ def run_benchmark(
 ) -> list[dict[str, Any]]:
     """Compiles every setting, then times `warmup + steps` steps of each (round-robin if
     `interleave`); with `profile`, traces `profile_steps` more of each afterwards. With
-    `official_code` (a checkout), each setting's official PyTorch model is timed after ours."""
+    `official_code` (a clone), each setting's official PyTorch model is timed after ours."""
+    official_folder = None if official_code is None else official_models_folder(official_code)
     cases: list[Case | OfficialCase] = []
     for setting in settings:
         log(f"compiling {describe(setting)}")
         cases.append(Case(setting, scan=scan, remat=remat, modes=modes))
         log("  " + ", ".join(f"{m} {cases[-1].result[f'{m}_compile_s']:.1f}s" for m in modes))
-        if official_code is not None:
-            cases.append(OfficialCase(setting, official_models_folder(official_code), modes=modes))
+        if official_folder is not None:
+            cases.append(OfficialCase(setting, official_folder, modes=modes))
     groups = [cases] * (warmup + steps) if interleave else [[case] * (warmup + steps) for case in cases]
     for index, group in enumerate(groups):
         for case in group:
@@ -506,7 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_official_code(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--official-code's checkout, settings and requirements: its CIFAR models, 32x32, float32, one device."""
+    """--official-code's clone, settings and requirements: its CIFAR models, 32x32, float32, one device."""
     try:
         folder = official_models_folder(args.official_code)
     except FileNotFoundError as err:
