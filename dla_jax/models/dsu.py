@@ -33,8 +33,9 @@ class _MLP(nn.Module):
 class DSU(nn.Module):
     """One DSU step: (y, (h, c)) -> (h', c'), in at least float32 (the vectors are tiny).
 
-    `hidden_terms` and `from_hidden_terms` split the step where h enters, for DLA-B's refresh:
-    its cache entries share one context, so w_hh(h) is computed once for all of them.
+    `hidden_terms` and `from_hidden_terms` split the step where h enters, so that the stages
+    compute w_hh(h) once per block for both the refresh and the next step, and once for all
+    of DLA-B's cache entries.
     """
 
     channels: int

@@ -2,7 +2,7 @@
 
 Block 0 changes the shape and runs on its own; blocks 1..n-1 share shapes and run under
 one `nn.scan`, so compile time does not grow with depth. The scan carries the stage's
-running state: the activations, the DSU context (h, c) of the forward context path and,
+running state: the activations, the DSU context of the forward context path and,
 for DLA-B, a fixed-size key/value cache with a fill index (a static carry shape).
 """
 
@@ -47,7 +47,8 @@ SCANNED_BLOCKS = "blocks"
 class Unit(nn.Module):
     """One block and its layer attention: the body of the stage's scan.
 
-    `carry` holds "x" and, per family, "context" (DSU h, c) and "cache"/"index" (DLA-B).
+    `carry` holds "x" and, per family, "context" (w_hh(h), c: `_advance_context`) and
+    "cache"/"index" (DLA-B).
     `shared` holds the stage's DSU (and DLA-L's depthwise conv) parameters.
     """
 
@@ -100,6 +101,17 @@ class Unit(nn.Module):
         """The stage's DSU (or its `method`) on inputs whose first is [..., C]."""
         return apply_dsu(shared["dsu"], inputs[0].shape[-1], self.reduction, *inputs, method=method)
 
+    def _advance_context(self, carry: dict, shared: dict, out: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Folds this block's pooled output into the stage context; returns what the refresh reads.
+
+        The context is carried as (w_hh(h), c), not (h, c): this block's refresh and the next
+        block's step both read w_hh(h), so the DSU's hidden-state MLP runs once per block.
+        """
+        hidden_terms, c = carry["context"]
+        h, c = self._dsu(shared, global_avg_pool(out), hidden_terms, c, method="from_hidden_terms")
+        carry["context"] = (self._dsu(shared, h, method="hidden_terms"), c)
+        return refresh_context(carry["context"], self.dsu_context)
+
     def _light_with_previous(self, carry, shared, out, shortcut, query, key, value_kernel) -> jax.Array:
         """MRLA-light / DLA-L: BN(light attention + λ ⊙ previous output).
 
@@ -109,9 +121,8 @@ class Unit(nn.Module):
         """
         refresh = None
         if self.family == "dla_l":
-            carry["context"] = self._dsu(shared, global_avg_pool(out), carry["context"])
-            context = refresh_context(carry["context"], self.dsu_context)
-            gate, _ = self._dsu(shared, global_avg_pool(shortcut), context)
+            hidden_terms, c = self._advance_context(carry, shared, out)
+            gate, _ = self._dsu(shared, global_avg_pool(shortcut), hidden_terms, c, method="from_hidden_terms")
             self.sow("intermediates", "refresh", gate)
             refresh = (gate, shared["excite"])
         gates = light_gates(query, key)
@@ -131,12 +142,10 @@ class Unit(nn.Module):
         scaling, and GAP(V_t ⊙ s) = GAP(V_t) ⊙ s, so a refresh never touches the [H, W]
         maps; they are read once, in the weighted sum.
         """
-        carry["context"] = self._dsu(shared, global_avg_pool(out), carry["context"])
-        h, c = refresh_context(carry["context"], self.dsu_context)
+        hidden_terms, c = self._advance_context(carry, shared, out)
         cache, index = dict(carry["cache"]), carry["index"]
         capacity = cache["keys"].shape[0]
-        # Every entry sees the same context: w_hh(h) once, then h's terms and c repeated over the cache.
-        hidden_terms = self._dsu(shared, h, method="hidden_terms")
+        # Every entry sees the same context: its terms w_hh(h) and c repeated over the cache.
         hidden_terms, c = repeat_leading(hidden_terms, capacity), repeat_leading(c, capacity)
 
         def refresh(cached_key, value_mean, value_scale, hidden_terms, c):
@@ -207,7 +216,7 @@ class Stage(nn.Module):
             remat_attention=self.remat_attention,
             dtype=self.dtype,
         )
-        carry = self._initial_carry(x, width, train)
+        carry = self._initial_carry(x, width, train, shared)
         carry, _ = Unit(stride=self.stride, project=True, name="block_0", **shape_free)(carry, shared)
         rest = self.num_blocks - 1
         if rest and self.scan_blocks:
@@ -230,8 +239,8 @@ class Stage(nn.Module):
             return hand_back_final_values(carry["x"], carry["cache"]["values"], carry["cache"]["final_values"])
         return carry["x"]
 
-    def _initial_carry(self, x: jax.Array, width: int, train: bool) -> dict:
-        """Zeros for the DSU context and an empty DLA-B cache sized for this stage.
+    def _initial_carry(self, x: jax.Array, width: int, train: bool, shared: dict) -> dict:
+        """The DSU's starting context (w_hh of zeros, zeros) and an empty DLA-B cache sized for this stage.
 
         In training the DLA-B cache also carries `final_values`, the channel that brings the
         final cache back through the backward pass (`weighted_values_saving_nothing`).
@@ -239,7 +248,9 @@ class Stage(nn.Module):
         if self.family in ("resnet", "mrla_l"):
             return {"x": x}
         batch, vector_dtype = x.shape[0], at_least_float32(self.dtype)
-        carry = {"x": x, "context": zero_context(batch, width, vector_dtype)}
+        h, c = zero_context(batch, width, vector_dtype)
+        hidden_terms = apply_dsu(shared["dsu"], width, self.reduction, h, method="hidden_terms")
+        carry = {"x": x, "context": (hidden_terms, c)}
         if self.family == "dla_b":
             height, width_px = ((x.shape[1] - 1) // self.stride + 1, (x.shape[2] - 1) // self.stride + 1)
             vectors = jnp.zeros((self.num_blocks, batch, width), vector_dtype)
