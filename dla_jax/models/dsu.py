@@ -83,9 +83,9 @@ def init_dsu_params(key: jax.Array, channels: int, reduction: int) -> dict:
     return DSU(channels, reduction, parent=None).init(key, zeros, (zeros, zeros))["params"]
 
 
-def apply_dsu(params: dict, channels: int, reduction: int, *inputs: jax.Array, method: str = "__call__") -> Any:
-    """Run the shared DSU (or one of its `method`s) as a pure function of its parameters
-    (usable inside scan/vmap).
+def apply_dsu(params: dict, channels: int, reduction: int, *inputs: jax.Array, method: str) -> Any:
+    """Run one of the shared DSU's methods as a pure function of its parameters (usable inside
+    scan/vmap): `hidden_terms` or `from_hidden_terms`, as the stages split the step.
 
     `parent=None` keeps the cell from binding to whichever module happens to call it.
     """

@@ -97,8 +97,8 @@ class Unit(nn.Module):
             branch = self._light_with_previous(carry, shared, out, shortcut, query, key, value_kernel)
         return carry, branch
 
-    def _dsu(self, shared: dict, *inputs: Any, method: str = "__call__"):
-        """The stage's DSU (or its `method`) on inputs whose first is [..., C]."""
+    def _dsu(self, shared: dict, *inputs: Any, method: str):
+        """The stage's DSU's `method` on inputs whose first is [..., C]."""
         return apply_dsu(shared["dsu"], inputs[0].shape[-1], self.reduction, *inputs, method=method)
 
     def _advance_context(self, carry: dict, shared: dict, out: jax.Array) -> tuple[jax.Array, jax.Array]:
