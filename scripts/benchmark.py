@@ -9,8 +9,9 @@ so that load slows all alike; but on an idle CPU interleaving itself slows the s
 models (ResNet-20's step ~30% slower between DLA steps), which flatters the ratios.
 Data is synthetic (random images, labels), the step is the training code's own
 `train_step` (SGD with momentum, weight decay). Compile time is the wall time of
-`lower(...).compile()`. Use `--compile-only` to measure compile-time scaling (e.g.
-`--depths 20,164 --no-scan`). `--profile DIR` then traces a few more steps of each
+`lower(...).compile()`. FLOPs are XLA's count on the unrolled step lowered for XLA's own
+ops (`xla_gflops_per_image`), the same for `--scan` and `--no-scan`. Use `--compile-only`
+to measure compile-time scaling (e.g. `--depths 20,164 --no-scan`). `--profile DIR` then traces a few more steps of each
 configuration with `jax.profiler` (TensorBoard/XProf/Perfetto read DIR/<configuration>/)
 and writes each compiled step's HLO beside it, whose `op_name` metadata maps XLA's fusions
 back to the model's modules. More than one device on a CPU needs
@@ -54,6 +55,8 @@ SPEC_MACS = {
     ("imagenet", 101, "dla_l"): 8.000e9,
 }
 IMAGE_SIZES = {"cifar": 32, "imagenet": 224}
+# Where XLA's FLOPs are counted: any platform but the CPU lowers every op as XLA's own (`xla_gflops_per_image`).
+FLOP_COUNT_PLATFORM = "cuda"
 MODES = ("train", "eval")
 # The official code's CIFAR model files, each defining a constructor of the file's name, per family.
 OFFICIAL_MODELS = {"resnet": "resnet", "mrla_l": "mrla_light", "dla_l": "dla_l", "dla_b": "dla_b"}
@@ -71,10 +74,10 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return parse
 
 
-def _cost(compiled: Any) -> dict[str, float]:
-    """XLA's cost analysis (a dict, or a one-element list of dicts on older jax)."""
+def _cost(stage: Any) -> dict[str, float]:
+    """XLA's cost analysis of a lowered or compiled step (a dict, or a one-element list of dicts on older jax)."""
     try:
-        cost = compiled.cost_analysis()
+        cost = stage.cost_analysis()
     except Exception:  # not every backend implements it
         return {}
     if isinstance(cost, (list, tuple)):
@@ -104,6 +107,60 @@ def _device_peak_bytes(devices: list[jax.Device]) -> int | None:
     return max(peaks) if peaks else None
 
 
+def _steps(setting: dict[str, Any], mesh: jax.sharding.Mesh, *, scan: bool, remat: bool, seed: int) -> tuple:
+    """The setting's model as the training code runs it: (state initialiser, state shardings, batch
+    sharding, jitted steps by mode)."""
+    model = models.create_model(
+        setting["family"],
+        layout=setting["layout"],
+        depth=setting["depth"],
+        num_classes=setting["num_classes"],
+        dtype=jnp.dtype(setting["dtype"]),
+        scan_blocks=scan,
+        remat_attention=remat,
+    )
+    train_config = ml_collections.ConfigDict({"weight_decay": 1e-4, "momentum": 0.9})
+    lr_schedule = lambda step: jnp.asarray(0.1, jnp.float32)  # noqa: E731  (constant: no schedule cost)
+    tx = optim.create_optimizer(train_config, lr_schedule)
+    size = setting["image_size"]
+    init = functools.partial(create_train_state, model, tx, seed=seed, image_shape=(size, size, 3))
+    state_shardings = parallel.state_shardings(mesh, jax.eval_shape(init))
+    batch_sharding = parallel.batch_sharding(mesh)
+    step_fns = {
+        "train": jax.jit(
+            functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule, label_smoothing=0.0),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, parallel.replicated(mesh)),
+            donate_argnums=0,
+        ),
+        "eval": loop.eval_function(model, mesh, state_shardings.variables()),
+    }
+    return init, state_shardings, batch_sharding, step_fns
+
+
+def xla_gflops_per_image(
+    setting: dict[str, Any], mesh: jax.sharding.Mesh, batch: dict[str, Any], modes: tuple[str, ...], *, remat: bool
+) -> dict[str, float]:
+    """XLA's count of each mode's FLOPs per image, on the unrolled model lowered for XLA's own ops.
+
+    XLA's cost analysis counts the body of a `while` loop once (a scanned stage's blocks as
+    one block) and a custom call as nothing (the CPU kernels), so the count is taken on the
+    unrolled model, lowered for a platform other than the CPU, whatever the case runs: the
+    same count for a scanned and an unrolled model, on any backend. Lowering compiles nothing.
+    """
+    init, _, _, step_fns = _steps(setting, mesh, scan=False, remat=remat, seed=0)
+    state = jax.eval_shape(init)
+    gflops = {}
+    for mode in modes:
+        weights = state if mode == "train" else state.variables()
+        with jax.set_mesh(mesh):
+            lowered = step_fns[mode].trace(weights, batch).lower(lowering_platforms=(FLOP_COUNT_PLATFORM,))
+        cost = _cost(lowered)
+        if "flops" in cost:
+            gflops[mode] = cost["flops"] / setting["batch_size"] / 1e9
+    return gflops
+
+
 class Case:
     """One configuration: its jitted steps compiled, its state and synthetic batch placed."""
 
@@ -117,24 +174,10 @@ class Case:
         devices = jax.devices()[:num_devices]
         self.devices = devices
         mesh = jax.sharding.Mesh(np.array(devices).reshape(num_devices, 1), parallel.MESH_AXES)
-        model = models.create_model(
-            setting["family"],
-            layout=layout,
-            depth=depth,
-            num_classes=setting["num_classes"],
-            dtype=jnp.dtype(setting["dtype"]),
-            scan_blocks=scan,
-            remat_attention=remat,
-        )
-        train_config = ml_collections.ConfigDict({"weight_decay": 1e-4, "momentum": 0.9})
-        lr_schedule = lambda step: jnp.asarray(0.1, jnp.float32)  # noqa: E731  (constant: no schedule cost)
-        tx = optim.create_optimizer(train_config, lr_schedule)
-        size = setting["image_size"]
-        init = functools.partial(create_train_state, model, tx, seed=seed, image_shape=(size, size, 3))
-        state_shardings = parallel.state_shardings(mesh, jax.eval_shape(init))
+        init, state_shardings, batch_sharding, step_fns = _steps(setting, mesh, scan=scan, remat=remat, seed=seed)
         self.state = jax.jit(init, out_shardings=state_shardings)()
         rng = np.random.default_rng(seed)
-        batch_sharding = parallel.batch_sharding(mesh)
+        size = setting["image_size"]
         self.batch = jax.device_put(
             {
                 "image": rng.standard_normal((batch, size, size, 3), np.float32),
@@ -143,16 +186,6 @@ class Case:
             },
             batch_sharding,
         )
-        replicated = parallel.replicated(mesh)
-        step_fns = {
-            "train": jax.jit(
-                functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule, label_smoothing=0.0),
-                in_shardings=(state_shardings, batch_sharding),
-                out_shardings=(state_shardings, replicated),
-                donate_argnums=0,
-            ),
-            "eval": loop.eval_function(model, mesh, state_shardings.variables()),
-        }
         self.compiled: dict[str, Any] = {}
         self.result: dict[str, Any] = dict(setting, implementation="dla_jax", scan=scan, remat_attention=remat)
         for mode in modes:
@@ -162,10 +195,9 @@ class Case:
                 compiled = step_fns[mode].lower(weights, self.batch).compile()
             self.result[f"{mode}_compile_s"] = time.perf_counter() - start
             self.compiled[mode] = compiled
-            cost = _cost(compiled)
-            if "flops" in cost:
-                self.result[f"{mode}_xla_gflops_per_image"] = cost["flops"] / batch / 1e9
             self.result[f"{mode}_memory"] = _memory(compiled)
+        for mode, gflops in xla_gflops_per_image(setting, mesh, self.batch, modes, remat=remat).items():
+            self.result[f"{mode}_xla_gflops_per_image"] = gflops
         spec_macs = SPEC_MACS.get((layout, depth, setting["family"]))
         if spec_macs is not None and size == IMAGE_SIZES["imagenet"]:
             self.result["spec_gmacs_per_image"] = spec_macs / 1e9

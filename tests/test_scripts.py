@@ -5,9 +5,12 @@ import json
 import struct
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from dla_jax import host_memory
+from dla_jax import host_memory, parallel
 from dla_jax.train import loop
 
 from train_helpers import enable_compilation_cache, tiny_digits_config
@@ -75,6 +78,27 @@ def test_benchmark_writes_json_and_markdown(tmp_path, options, malloc_tunings):
             assert list((tmp_path / "profile" / name).glob("**/*.xplane.pb")), name
             assert (tmp_path / "profile" / f"{name}-eval.hlo.txt").exists()
         assert "layer_attention" in (tmp_path / "profile" / f"{name}-train.hlo.txt").read_text()
+
+
+@pytest.mark.parametrize("family", ["resnet", "dla_l"])
+def test_benchmark_counts_the_flops_of_every_block(family):
+    """XLA's FLOPs of ImageNet ResNet-50 / DLA-L-50, whose stages scan, against the spec's
+    multiply-accumulates: a forward pass is two FLOPs per MAC (XLA skips a conv's taps on the
+    zero padding, about 3% of them), a train step about three forward passes. On the scanned
+    step itself XLA counts each stage's scanned blocks as one (ResNet-50: 0.56 of the spec)."""
+    benchmark = load_script("benchmark")
+    setting = dict(family=family, layout="imagenet", depth=50, batch_size=1, dtype="float32", devices=1)
+    setting.update(image_size=224, num_classes=1000)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), parallel.MESH_AXES)
+    batch = {
+        "image": jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((1,), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((1,), jnp.bool_),
+    }
+    gflops = benchmark.xla_gflops_per_image(setting, mesh, batch, ("train", "eval"), remat=False)
+    spec_gflops = 2 * benchmark.SPEC_MACS[("imagenet", 50, family)] / 1e9
+    assert 0.95 < gflops["eval"] / spec_gflops <= 1.0
+    assert 2.9 < gflops["train"] / gflops["eval"] < 3.2
 
 
 def test_benchmark_rejects_bad_arguments(capsys, malloc_tunings):
