@@ -11,10 +11,10 @@ Data is synthetic (random images, labels), the step is the training code's own
 `train_step` (SGD with momentum, weight decay). Compile time is the wall time of
 `lower(...).compile()`. FLOPs are XLA's count on the unrolled step lowered for XLA's own
 ops (`xla_gflops_per_image`), the same for `--scan` and `--no-scan`. Use `--compile-only`
-to measure compile-time scaling (e.g. `--depths 20,164 --no-scan`). `--profile DIR` then traces a few more steps of each
-configuration with `jax.profiler` (TensorBoard/XProf/Perfetto read DIR/<configuration>/)
-and writes each compiled step's HLO beside it, whose `op_name` metadata maps XLA's fusions
-back to the model's modules. More than one device on a CPU needs
+to measure compile-time scaling (e.g. `--depths 20,164 --no-scan`). `--profile DIR` then
+traces a few more steps of each configuration with `jax.profiler` (TensorBoard/XProf/Perfetto
+read DIR/<configuration>/) and writes each compiled step's HLO beside it, whose `op_name`
+metadata maps XLA's fusions back to the model's modules. More than one device on a CPU needs
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
 
 `--official-code CLONE` also times the authors' PyTorch models (CIFAR layout, float32,
