@@ -74,10 +74,10 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return parse
 
 
-def _cost(stage: Any) -> dict[str, float]:
-    """XLA's cost analysis of a lowered or compiled step (a dict, or a one-element list of dicts on older jax)."""
+def _cost(lowered: Any) -> dict[str, float]:
+    """XLA's cost analysis of a lowered step (a dict, or a one-element list of dicts on older jax)."""
     try:
-        cost = stage.cost_analysis()
+        cost = lowered.cost_analysis()
     except Exception:  # not every backend implements it
         return {}
     if isinstance(cost, (list, tuple)):
@@ -105,6 +105,13 @@ def _device_peak_bytes(devices: list[jax.Device]) -> int | None:
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))
     return max(peaks) if peaks else None
+
+
+def mesh_over(num_devices: int) -> jax.sharding.Mesh:
+    """The training code's ("data", "fsdp") mesh over the first `num_devices` devices, all on "data"."""
+    devices = np.array(jax.devices()[:num_devices]).reshape(num_devices, 1)
+    auto = jax.sharding.AxisType.Auto  # as `parallel.create_mesh`
+    return jax.sharding.Mesh(devices, parallel.MESH_AXES, axis_types=(auto, auto))
 
 
 def _steps(setting: dict[str, Any], mesh: jax.sharding.Mesh, *, scan: bool, remat: bool, seed: int) -> tuple:
@@ -171,9 +178,8 @@ class Case:
         num_devices = setting["devices"]
         if batch % num_devices:
             raise ValueError(f"batch size {batch} is not divisible by {num_devices} devices")
-        devices = jax.devices()[:num_devices]
-        self.devices = devices
-        mesh = jax.sharding.Mesh(np.array(devices).reshape(num_devices, 1), parallel.MESH_AXES)
+        mesh = mesh_over(num_devices)
+        self.devices = list(mesh.devices.flat)
         init, state_shardings, batch_sharding, step_fns = _steps(setting, mesh, scan=scan, remat=remat, seed=seed)
         self.state = jax.jit(init, out_shardings=state_shardings)()
         rng = np.random.default_rng(seed)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from dla_jax import host_memory, parallel
+from dla_jax import host_memory
 from dla_jax.train import loop
 
 from train_helpers import enable_compilation_cache, tiny_digits_config
@@ -89,7 +88,7 @@ def test_benchmark_counts_the_flops_of_every_block(family):
     benchmark = load_script("benchmark")
     setting = dict(family=family, layout="imagenet", depth=50, batch_size=1, dtype="float32", devices=1)
     setting.update(image_size=224, num_classes=1000)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), parallel.MESH_AXES)
+    mesh = benchmark.mesh_over(1)
     batch = {
         "image": jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
         "label": jax.ShapeDtypeStruct((1,), jnp.int32),
