@@ -301,6 +301,7 @@ def test_unprepared_tfds_says_how_to_build_without_downloading(tmp_path):
         data.get_dataset_info(config)
     assert time.monotonic() - start < 10
     assert f"tfds build cifar10 --data_dir={tmp_path} --file_format=array_record" in str(e.value)
+    assert "already prepared" not in str(e.value)  # tfds's own text says so where nothing is
     assert not list(tmp_path.iterdir())  # nothing downloaded or written
     with pytest.raises(data.DatasetNotFoundError, match="no dataset named"):
         data.get_dataset_info(make_config(source="tfds", name="no_such_dataset_xyz"))

@@ -123,7 +123,8 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
     try:
         data_source = builder.as_data_source(split)
     except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
-        if builder.is_prepared():
+        prepared = builder.is_prepared()
+        if prepared:
             why = (
                 f"tfds dataset {name!r} is prepared in {builder.data_dir} as "
                 f"{builder.info.file_format.value}, which has no random access; rebuild it "
@@ -136,9 +137,11 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
             if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
             else ""
         )
+        # Where nothing is prepared, tfds's own message wrongly says it is prepared as TFRecord.
+        underlying = f" Underlying error: {e}" if prepared else ""
         raise DatasetNotFoundError(
             f"{why}\n  {tfds_build_command(name, root)}\n(needs TensorFlow and the network at "
-            f"build time only).{manual} Underlying error: {e}"
+            f"build time only).{manual}{underlying}"
         ) from e
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     label = builder.info.features[label_key]
