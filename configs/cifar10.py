@@ -2,7 +2,11 @@ r"""python -m dla_jax.main --config configs/cifar10.py:dla_l,110 --workdir runs/
 
 CIFAR-10 with the paper's recipe. The argument after the colon is `family,depth` (family: resnet, mrla_l, dla_l, dla_b;
 depth 9n+2, e.g. 20, 56, 110, 164); any field can also be overridden, e.g.
-`--config.model.depth=56 --config.train.batch_size=256`.
+`--config.train.batch_size=256 --config.model.drop_path=0.1`.
+Stages of more than six blocks (depth > 56) run their blocks as one `nn.scan`, so that
+compile time does not grow with depth; shorter ones are unrolled, which on the CPU compiles
+no slower and steps 13-20% faster for the layer-attention families (docs/performance.md,
+round 16). The choice follows the depth after the colon; `--config.model.scan_blocks` overrides it.
 Recipe: SGD momentum 0.9, lr 0.1 at batch 128, 180 epochs, lr x0.1 at epochs 100 and 150,
 weight decay 1e-4 added to the gradient, DropPath 0.2, crop + flip, test batch 100
 (batches must divide by the device count: on 8 devices add --config.train.eval_batch_size=200).
@@ -29,7 +33,7 @@ def get_config(family_and_depth: str = "dla_l,110") -> config_dict.ConfigDict:
     config.model.drop_path = 0.2
     config.model.head_dropout = 0.0
     config.model.dtype = "float32"
-    config.model.scan_blocks = True
+    config.model.scan_blocks = int(depth) > 56
     config.model.remat_attention = False  # True recomputes the light attention branch: less memory, slower
 
     config.data = config_dict.ConfigDict()

@@ -39,7 +39,7 @@ def get_config(family_and_depth: str = "dla_l,20") -> config_dict.ConfigDict:
     config.model.drop_path = 0.0
     config.model.head_dropout = 0.0
     config.model.dtype = "float32"
-    config.model.scan_blocks = False
+    config.model.scan_blocks = int(depth) > 56  # as configs/cifar10.py (see there)
     config.model.remat_attention = False  # True recomputes the light attention branch: less memory, slower
 
     config.data = config_dict.ConfigDict()

@@ -9,12 +9,14 @@ so that load slows all alike; but on an idle CPU interleaving itself slows the s
 models (ResNet-20's step ~30% slower between DLA steps), which flatters the ratios.
 Data is synthetic (random images, labels), the step is the training code's own
 `train_step` (SGD with momentum, weight decay). Compile time is the wall time of
-`lower(...).compile()`. FLOPs are XLA's count on the unrolled step lowered for XLA's own
-ops (`xla_gflops_per_image`), the same for `--scan` and `--no-scan`. Use `--compile-only`
-to measure compile-time scaling (e.g. `--depths 20,164 --no-scan`). `--profile DIR` then
-traces a few more steps of each configuration with `jax.profiler` (TensorBoard/XProf/Perfetto
-read DIR/<configuration>/) and writes each compiled step's HLO beside it, whose `op_name`
-metadata maps XLA's fusions back to the model's modules. More than one device on a CPU needs
+`lower(...).compile()`. Each model's stages are scanned or unrolled as its layout's recipe
+builds them (`recipe_scans`: configs/cifar10.py scans beyond depth 56, configs/imagenet.py
+always), unless `--scan` or `--no-scan` says otherwise. FLOPs are XLA's count on the
+unrolled step lowered for XLA's own ops (`xla_gflops_per_image`), the same either way. Use
+`--compile-only` to measure compile-time scaling (e.g. `--depths 20,164 --no-scan`).
+`--profile DIR` then traces a few more steps of each configuration with `jax.profiler`
+(TensorBoard/XProf/Perfetto read DIR/<configuration>/) and writes each compiled step's HLO
+beside it, whose `op_name` metadata maps XLA's fusions back to the model's modules. More than one device on a CPU needs
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
 
 `--official-code CLONE` also times the authors' PyTorch models (CIFAR layout, float32,
@@ -62,6 +64,8 @@ MODES = ("train", "eval")
 OFFICIAL_MODELS = {"resnet": "resnet", "mrla_l": "mrla_light", "dla_l": "dla_l", "dla_b": "dla_b"}
 OFFICIAL_MODELS_FOLDER = Path("image_classification/cifar/models/cifar")
 OFFICIAL_REQUIREMENTS = ("torch", "einops")
+RECIPES = {"cifar": "cifar10.py", "imagenet": "imagenet.py"}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
@@ -112,6 +116,15 @@ def mesh_over(num_devices: int) -> jax.sharding.Mesh:
     devices = np.array(jax.devices()[:num_devices]).reshape(num_devices, 1)
     auto = jax.sharding.AxisType.Auto  # as `parallel.create_mesh`
     return jax.sharding.Mesh(devices, parallel.MESH_AXES, axis_types=(auto, auto))
+
+
+def recipe_scans(setting: dict[str, Any]) -> bool:
+    """Whether the layout's recipe (`RECIPES`, in configs/) scans the stages of this family and depth."""
+    path = CONFIGS / RECIPES[setting["layout"]]
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return bool(module.get_config(f"{setting['family']},{setting['depth']}").model.scan_blocks)
 
 
 def _steps(setting: dict[str, Any], mesh: jax.sharding.Mesh, *, scan: bool, remat: bool, seed: int) -> tuple:
@@ -341,7 +354,7 @@ class OfficialCase:
 def run_benchmark(
     settings: list[dict[str, Any]],
     *,
-    scan: bool,
+    scan: bool | None,
     remat: bool,
     modes: tuple[str, ...],
     steps: int,
@@ -354,12 +367,14 @@ def run_benchmark(
 ) -> list[dict[str, Any]]:
     """Compiles every setting, then times `warmup + steps` steps of each (round-robin if
     `interleave`); with `profile`, traces `profile_steps` more of each afterwards. With
-    `official_code` (a clone), each setting's official PyTorch model is timed after ours."""
+    `official_code` (a clone), each setting's official PyTorch model is timed after ours.
+    `scan=None` scans the stages where the recipe does (`recipe_scans`)."""
     official_folder = None if official_code is None else official_models_folder(official_code)
     cases: list[Case | OfficialCase] = []
     for setting in settings:
         log(f"compiling {describe(setting)}")
-        cases.append(Case(setting, scan=scan, remat=remat, modes=modes))
+        scanned = recipe_scans(setting) if scan is None else scan
+        cases.append(Case(setting, scan=scanned, remat=remat, modes=modes))
         log("  " + ", ".join(f"{m} {cases[-1].result[f'{m}_compile_s']:.1f}s" for m in modes))
         if official_folder is not None:
             cases.append(OfficialCase(setting, official_folder, modes=modes))
@@ -484,7 +499,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="default: 32 (cifar) or 224 (imagenet)")
     parser.add_argument("--num-classes", type=int, default=None, help="default: 10 (cifar) or 1000 (imagenet)")
     parser.add_argument("--modes", type=_csv(str), default=list(MODES), help="train and/or eval")
-    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="nn.scan over blocks")
+    parser.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nn.scan over blocks (default: as the recipe)",
+    )
     parser.add_argument(
         "--remat-attention",
         action=argparse.BooleanOptionalAction,

@@ -46,7 +46,7 @@ def malloc_tunings(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.parametrize(
-    "options", [[], ["--interleave", "--remat-attention", "--no-keep-freed-memory", "--profile", "profile"]]
+    "options", [[], ["--interleave", "--remat-attention", "--scan", "--no-keep-freed-memory", "--profile", "profile"]]
 )
 def test_benchmark_writes_json_and_markdown(tmp_path, options, malloc_tunings):
     benchmark = load_script("benchmark")
@@ -70,6 +70,7 @@ def test_benchmark_writes_json_and_markdown(tmp_path, options, malloc_tunings):
         assert result["train_vs_resnet"] > 0
     assert table.read_text().count("\n") == 2 + len(results)
     assert all(r["remat_attention"] == ("--remat-attention" in options) for r in results)
+    assert all(r["scan"] == ("--scan" in options) for r in results)  # by default as the recipe: unrolled at depth 11
     if "--profile" in options:
         # A trace per configuration, and the compiled steps whose op_name metadata maps it to modules.
         for family in ("resnet", "mrla_l"):
@@ -98,6 +99,14 @@ def test_benchmark_counts_the_flops_of_every_block(family):
     spec_gflops = 2 * benchmark.SPEC_MACS[("imagenet", 50, family)] / 1e9
     assert 0.95 < gflops["eval"] / spec_gflops <= 1.0
     assert 2.9 < gflops["train"] / gflops["eval"] < 3.2
+
+
+@pytest.mark.parametrize(
+    "layout, depth, scanned", [("cifar", 20, False), ("cifar", 56, False), ("cifar", 110, True), ("imagenet", 50, True)]
+)
+def test_benchmark_times_the_stages_as_the_recipe_builds_them(layout, depth, scanned):
+    benchmark = load_script("benchmark")
+    assert benchmark.recipe_scans({"layout": layout, "family": "dla_l", "depth": depth}) is scanned
 
 
 def test_benchmark_rejects_bad_arguments(capsys, malloc_tunings):
