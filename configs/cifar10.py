@@ -5,7 +5,7 @@ depth 9n+2, e.g. 20, 56, 110, 164); any field can also be overridden, e.g.
 `--config.train.batch_size=256 --config.model.drop_path=0.1`.
 Stages of more than six blocks (depth > 56) run their blocks as one `nn.scan`, so that
 compile time does not grow with depth; shorter ones are unrolled, which on the CPU compiles
-no slower and steps 13-20% faster for the layer-attention families (docs/performance.md,
+no slower and steps 13-21% faster for the layer-attention families (docs/performance.md,
 round 16). The choice follows the depth after the colon; `--config.model.scan_blocks` overrides it.
 Recipe: SGD momentum 0.9, lr 0.1 at batch 128, 180 epochs, lr x0.1 at epochs 100 and 150,
 weight decay 1e-4 added to the gradient, DropPath 0.2, crop + flip, test batch 100

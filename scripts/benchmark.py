@@ -16,8 +16,9 @@ unrolled step lowered for XLA's own ops (`xla_gflops_per_image`), the same eithe
 `--compile-only` to measure compile-time scaling (e.g. `--depths 20,164 --no-scan`).
 `--profile DIR` then traces a few more steps of each configuration with `jax.profiler`
 (TensorBoard/XProf/Perfetto read DIR/<configuration>/) and writes each compiled step's HLO
-beside it, whose `op_name` metadata maps XLA's fusions back to the model's modules. More than one device on a CPU needs
-`XLA_FLAGS=--xla_force_host_platform_device_count=N` set beforehand.
+beside it, whose `op_name` metadata maps XLA's fusions back to the model's modules. More
+than one device on a CPU needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` set
+beforehand.
 
 `--official-code CLONE` also times the authors' PyTorch models (CIFAR layout, float32,
 this CPU; a clone of https://github.com/tunantu/Dynamic-Layer-Attention, with torch and
