@@ -1,13 +1,25 @@
 """What the entry points that take a `--config` file share: parsing it, joining the other
 processes of a multi-host run, reporting failures in one line."""
 
+import importlib.util
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 
 from dla_jax import host_memory, parallel
 from dla_jax.train.validation import ConfigError
+
+
+def load_config(path: Path, argument: str | None = None) -> ml_collections.ConfigDict:
+    """The config file at `path` loaded as `--config path[:argument]` loads it (by path; configs
+    are not a package), without overrides: for code that reads a recipe outside an entry point."""
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if argument is None else module.get_config(argument)
 
 
 def define_process_flags() -> None:

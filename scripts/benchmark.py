@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dla_jax import host_memory, models, parallel
+from dla_jax import cli, host_memory, models, parallel
 from dla_jax.train import loop, optim
 from dla_jax.train.state import create_train_state
 from dla_jax.train.step import train_step
@@ -121,11 +121,8 @@ def mesh_over(num_devices: int) -> jax.sharding.Mesh:
 
 def recipe_scans(setting: dict[str, Any]) -> bool:
     """Whether the layout's recipe (`RECIPES`, in configs/) scans the stages of this family and depth."""
-    path = CONFIGS / RECIPES[setting["layout"]]
-    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return bool(module.get_config(f"{setting['family']},{setting['depth']}").model.scan_blocks)
+    recipe = cli.load_config(CONFIGS / RECIPES[setting["layout"]], f"{setting['family']},{setting['depth']}")
+    return bool(recipe.model.scan_blocks)
 
 
 def _steps(setting: dict[str, Any], mesh: jax.sharding.Mesh, *, scan: bool, remat: bool, seed: int) -> tuple:

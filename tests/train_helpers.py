@@ -1,6 +1,5 @@
 """Small configs and helpers shared by the training, config and export tests."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from dla_jax import cli
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -44,11 +45,8 @@ TINY_DIGITS = {
 
 
 def load_config(name: str, argument: str | None = None) -> ml_collections.ConfigDict:
-    """Loads configs/<name>.py the way config_flags does (by path, `file.py:argument`)."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if argument is None else module.get_config(argument)
+    """configs/<name>.py, loaded as `--config configs/<name>.py[:argument]` loads it."""
+    return cli.load_config(CONFIGS_DIR / f"{name}.py", argument)
 
 
 def tiny_digits_config(**overrides) -> ml_collections.ConfigDict:
