@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
+import zipfile
+import zlib
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -29,6 +32,10 @@ IGNORED_SUFFIX = ".num_batches_tracked"
 
 class StateDictMismatch(ValueError):
     """The state dict does not fit the model; the message lists every problem."""
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that holds no state dict (damaged, or not one); the message says what to do."""
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -181,22 +188,62 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--torch-checkpoint {path}: no such file")
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            names = list(data.keys())
-            prefixed = [n for n in names if n.startswith("sd/")]
-            if prefixed:
-                return {n[3:]: data[n] for n in prefixed}
-            return {n: data[n] for n in names}
+        return _npz_state_dict(path)
     try:
         import torch
     except ImportError as error:
         raise ImportError(
             f"reading {path} needs PyTorch: pip install 'dla_jax[torch]' (or save the state dict as .npz)"
         ) from error
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise UnreadableCheckpoint(f"{path} is not a PyTorch checkpoint ({_first_line(error)})") from error
+        raise UnreadableCheckpoint(
+            f"{path} holds pickled Python objects besides tensors (a whole model?), which are not loaded: "
+            "load it with its model's code and save model.state_dict() instead"
+        ) from error
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for a damaged file
+        raise UnreadableCheckpoint(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(error)}): "
+            "is the file complete? Download it again"
+        ) from error
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
-    return {name.removeprefix("module."): value.numpy() for name, value in checkpoint.items()}
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UnreadableCheckpoint(
+            f"{path} holds a {type(checkpoint).__name__} that is not a state dict (names to tensors), "
+            "nor a dict with one under 'state_dict'"
+        )
+    # numpy has no bfloat16: floating tensors are read as float32, the models' parameter dtype.
+    return {
+        name.removeprefix("module."): (value.float() if value.is_floating_point() else value).numpy()
+        for name, value in checkpoint.items()
+    }
+
+
+def _npz_state_dict(path: str) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+        arrays = None
+        if not isinstance(data, np.ndarray):
+            with data:
+                arrays = {name: data[name] for name in data.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise UnreadableCheckpoint(
+            f"{path} is not a readable .npz of arrays ({_first_line(error)}): is the file complete? Write it again"
+        ) from error
+    if arrays is None:
+        raise UnreadableCheckpoint(f"{path} holds one array, not a state dict: save the state dict with numpy.savez")
+    prefixed = {name.removeprefix("sd/"): array for name, array in arrays.items() if name.startswith("sd/")}
+    return prefixed or arrays
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's type and the first sentence of its message (torch's run to many lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].split('. ')[0]}" if lines else type(error).__name__
 
 
 # Evaluation preprocessing of the official recipes, recorded in the export.

@@ -5,8 +5,8 @@ r"""Train/eval step throughput, compile time, memory and FLOPs of the model fami
 
 Every configuration is compiled first; then each runs its steps back to back. On a busy,
 shared machine `--interleave` runs them round-robin instead (one step of each in turn),
-so that load slows all alike; but on an idle CPU interleaving itself slows the smaller
-models (ResNet-20's step ~30% slower between DLA steps), which flatters the ratios.
+so that load slows all alike (on the 2-core VM of docs/performance.md, round 17, ResNet-20
+stepped as fast either way; before the CPU kernels, interleaving slowed it by ~30%).
 Data is synthetic (random images, labels), the step is the training code's own
 `train_step` (SGD with momentum, weight decay). Compile time is the wall time of
 `lower(...).compile()`. Each model's stages are scanned or unrolled as its layout's recipe

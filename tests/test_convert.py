@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from dla_jax import data, inference
 from dla_jax.convert import StateDictMismatch, convert_checkpoint, from_torch_state_dict, load_state_dict
+from dla_jax.convert import main as convert_main
 from dla_jax.evaluate import evaluate_export
 from dla_jax.models import create_model
 
@@ -55,6 +56,75 @@ def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(ImportError, match=r"pip install 'dla_jax\[torch\]'"):
         load_state_dict(str(checkpoint))
+
+
+def test_an_official_pth_tar_converts_to_an_export_that_predicts_its_logits(tmp_path):
+    """What the official cifar.py saves: the model's state dict (with DataParallel's `module.`
+    prefix) inside a dict with the epoch, accuracies and optimizer state."""
+    torch = pytest.importorskip("torch", reason="reading .pth checkpoints needs PyTorch")
+    state, arrays = load(DATA / CIFAR["dla_l"])
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    torch.save(
+        {
+            "epoch": 180,
+            "state_dict": {f"module.{name}": torch.from_numpy(value) for name, value in state.items()},
+            "acc": 95.2,
+            "best_acc": 95.4,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "momentum": 0.9, "params": [0, 1]}]},
+        },
+        checkpoint,
+    )
+    out = tmp_path / "export"
+    convert_checkpoint(
+        str(checkpoint), str(out), family="dla_l", layout="cifar", depth=20, num_classes=10, dsu_context="per_sample"
+    )
+    assert_close_to_reference(inference.load(out)(nhwc(arrays["input_eval"])), arrays["logits_eval_fixed"])
+
+
+def test_a_half_precision_checkpoint_is_read_as_float32(tmp_path):
+    torch = pytest.importorskip("torch", reason="reading .pth checkpoints needs PyTorch")
+    weights = torch.randn(4, 3)
+    torch.save({"fc.weight": weights.to(torch.bfloat16), "bn.num_batches_tracked": torch.tensor(7)}, tmp_path / "m.pth")
+    state = load_state_dict(str(tmp_path / "m.pth"))
+    assert state["fc.weight"].dtype == np.float32 and state["bn.num_batches_tracked"] == 7
+    np.testing.assert_array_equal(state["fc.weight"], weights.to(torch.bfloat16).float().numpy())
+
+
+def _convert_cli(checkpoint, tmp_path, capsys) -> str:
+    """Runs the convert CLI on `checkpoint`; asserts it failed cleanly and returns its message."""
+    argv = ["--torch-checkpoint", str(checkpoint), "--family", "dla_l", "--layout", "cifar", "--depth", "20"]
+    assert convert_main([*argv, "--num-classes", "10", "--out", str(tmp_path / "export")]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1 and not (tmp_path / "export").exists()
+    return message
+
+
+def test_unreadable_npz_files_are_reported_with_what_to_do(tmp_path, capsys):
+    whole = (DATA / CIFAR["dla_l"]).read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.save(tmp_path / "one_array.npy", np.zeros(3))
+    (tmp_path / "one_array.npy").rename(tmp_path / "one_array.npz")
+    for name, message in [
+        ("truncated.npz", "is not a readable .npz of arrays (BadZipFile"),
+        ("text.npz", "is not a readable .npz of arrays"),
+        ("one_array.npz", "holds one array, not a state dict: save the state dict with numpy.savez"),
+    ]:
+        assert message in _convert_cli(tmp_path / name, tmp_path, capsys), name
+
+
+def test_unreadable_pth_files_are_reported_with_what_to_do(tmp_path, capsys):
+    torch = pytest.importorskip("torch", reason="reading .pth checkpoints needs PyTorch")
+    torch.save({"fc.weight": torch.zeros(10, 256)}, tmp_path / "whole.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:100])
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model_object.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    for name, message in [
+        ("truncated.pth", "is not a readable PyTorch checkpoint (RuntimeError: PytorchStreamReader failed"),
+        ("model_object.pth", "holds pickled Python objects besides tensors (a whole model?)"),
+        ("list.pth", "holds a list that is not a state dict"),
+    ]:
+        assert message in _convert_cli(tmp_path / name, tmp_path, capsys), name
 
 
 def test_cli_writes_an_export_that_predicts_the_official_logits(tmp_path):

@@ -147,6 +147,57 @@ def test_benchmark_checks_the_official_code_it_is_given(tmp_path, capsys, monkey
     assert "pip install torch einops" in capsys.readouterr().err
 
 
+# Stand-ins for the official CIFAR model files: each module's constructor is called as the
+# official ones are, and forward makes a zero state with `.cuda()`, as the official DSU does.
+STAND_IN_OFFICIAL_MODEL = """
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self, width, num_classes):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, width, 3, padding=1), nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        zero_state = torch.zeros(1).cuda()
+        return self.fc(self.conv(x).mean((2, 3))) + zero_state
+
+
+def {name}(depth, num_classes, block_name):
+    assert block_name == "bottleneck"
+    return Model(depth, num_classes)
+"""
+
+
+def test_benchmark_times_the_official_code_beside_ours(tmp_path, malloc_tunings):
+    torch = pytest.importorskip("torch", reason="timing the official code needs PyTorch")
+    pytest.importorskip("einops", reason="timing the official code needs einops")
+    benchmark = load_script("benchmark")
+    folder = tmp_path / "official"
+    folder.mkdir()
+    for name in benchmark.OFFICIAL_MODELS.values():
+        (folder / f"{name}.py").write_text(STAND_IN_OFFICIAL_MODEL.format(name=name))
+    cuda = torch.Tensor.cuda
+    out = tmp_path / "side.json"
+    argv = ["--families", "resnet,mrla_l", "--depths", "11", "--batch-sizes", "4", "--steps", "2", "--warmup", "1"]
+    assert benchmark.main([*argv, "--official-code", str(folder), "--out", str(out)]) == 0
+    assert torch.Tensor.cuda is cuda
+    results = json.loads(out.read_text())["results"]
+    assert [(r["implementation"], r["family"]) for r in results] == [
+        ("dla_jax", "resnet"),
+        ("official-pytorch", "resnet"),
+        ("dla_jax", "mrla_l"),
+        ("official-pytorch", "mrla_l"),
+    ]
+    for result in results:
+        for mode in ("train", "eval"):
+            assert result[f"{mode}_images_per_s"] > 0 and len(result[f"{mode}_step_times_s"]) == 2
+        assert result["train_vs_resnet"] > 0
+    ours = [r for r in results if r["implementation"] == "dla_jax"]
+    assert all(r["train_vs_official"] > 0 and r["eval_vs_official"] > 0 for r in ours)
+
+
 def test_benchmark_ratios_pair_each_implementation_with_its_own_resnet():
     benchmark = load_script("benchmark")
     setting = dict(layout="cifar", depth=20, batch_size=128, dtype="float32", devices=1)
