@@ -50,13 +50,41 @@ def _unknown_field(err: BaseException) -> tuple[str, str]:
     return field.strip("\"'"), hint.strip()
 
 
-def parse_flags(argv: list[str], *, program: str) -> list[str]:
-    """absl's parsing, with ml_collections' errors for unknown or ill-typed overrides made one line
-    (then exit 2): `app.run(main, flags_parser=functools.partial(parse_flags, program=...))`."""
+def _config_file_error(err: flags.Error) -> str:
+    """ml_collections puts the whole traceback of a failing `get_config` into its error; keep
+    the flag and the exception's own line ("flag --config=F:ARG: ValueError: ...")."""
+    flag, marker, trace = str(err).partition("Error whilst parsing config file:")
+    lines = [line for line in trace.strip().splitlines() if line.strip()]
+    return f"{flag.rstrip()} {lines[-1].strip()}" if marker and lines else str(err)
+
+
+def _deferred_config_error(values: flags.FlagValues) -> str | None:
+    """ml_collections defers a config file that fails to load (missing, unreadable) to the config's
+    first use, so that --help works; this reports it before any work starts."""
+    if "config" not in values or values["config"].value is None:
+        return None
+    config = values["config"].value
+    if isinstance(config, ml_collections.ConfigDict):
+        return None
     try:
-        return flags.FLAGS(argv)
+        config.lock()
+    except OSError as err:
+        reason = str(err).strip().splitlines()[-1].strip()
+        return f"--config: cannot load {values['config'].config_filename}: {reason}"
+    return None
+
+
+def parse_flags(argv: list[str], *, program: str) -> list[str]:
+    """absl's parsing, with ml_collections' errors for a config file that fails to load and for
+    unknown or ill-typed overrides made one line (then exit 2):
+    `app.run(main, flags_parser=functools.partial(parse_flags, program=...))`."""
+    try:
+        remaining = flags.FLAGS(argv)
+        message = _deferred_config_error(flags.FLAGS)
+        if message is None:
+            return remaining
     except flags.Error as err:
-        message = str(err)
+        message = _config_file_error(err)
     except (AttributeError, KeyError) as err:
         key, hint = _unknown_field(err)
         given = [arg for arg in argv[1:] if arg.startswith("--config.") and key in arg]

@@ -67,35 +67,41 @@ def test_missing_field_is_reported():
         validate_config(config, device_count=1, process_count=1)
 
 
+QUICKSTART = "quickstart.py"
+
+
 @pytest.mark.parametrize(
-    "override,expected",
+    "config,override,expected",
     [
-        ("--config.model.depth=21", "config.model.depth=21"),
-        ("--config.model.family=dla_x", "config.model.family='dla_x'"),
-        ("--config.train.batch_size=60", "config.train.batch_size=60 must be divisible"),
-        ("--config.train.no_such_field=1", "unknown config field 'no_such_field' in --config.train.no_such_field=1"),
+        (QUICKSTART, "--config.model.depth=21", "config.model.depth=21"),
+        (QUICKSTART, "--config.model.family=dla_x", "config.model.family='dla_x'"),
+        (QUICKSTART, "--config.train.batch_size=60", "config.train.batch_size=60 must be divisible"),
         (
+            QUICKSTART,
+            "--config.train.no_such_field=1",
+            "unknown config field 'no_such_field' in --config.train.no_such_field=1",
+        ),
+        (
+            QUICKSTART,
             "--config.model.famly=dla_l",
             "unknown config field 'famly' in --config.model.famly=dla_l; Did you mean \"family\"",
         ),
+        ("no_such_config.py", None, "no_such_config.py: [Errno 2] No such file or directory"),
+        ("cifar10.py:dla_l", None, "ValueError: config argument must be 'family,depth', e.g. dla_l,110; got 'dla_l'"),
     ],
 )
-def test_cli_stops_before_compiling(tmp_path, override, expected):
+def test_cli_stops_before_compiling(tmp_path, config, override, expected):
     """Runs in a fresh process with 8 CPU devices: clean one-line error, non-zero exit, no traceback."""
     env = cpu_env(8)
+    command = [
+        sys.executable,
+        "-m",
+        "dla_jax.main",
+        f"--config={CONFIGS_DIR / config}",
+        f"--workdir={tmp_path / 'run'}",
+    ]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dla_jax.main",
-            f"--config={CONFIGS_DIR / 'quickstart.py'}",
-            f"--workdir={tmp_path / 'run'}",
-            override,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+        command + ([override] if override else []), capture_output=True, text=True, env=env, timeout=120
     )
     assert result.returncode != 0
     assert expected in result.stderr
