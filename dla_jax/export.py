@@ -12,7 +12,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from dla_jax.export_format import save_export
+from dla_jax.export_format import ExportFormatError, save_export
 from dla_jax.train.checkpoint import CheckpointError, Checkpoints
 from dla_jax.train.loop import build_run, with_shardings
 
@@ -24,10 +24,11 @@ FLAGS = flags.FLAGS
 
 def export_run(workdir: str | Path, out: str | Path) -> int:
     """Exports the latest checkpoint under `workdir`; returns its step."""
-    checkpoints = Checkpoints(Path(workdir) / "checkpoints", max_to_keep=1)
-    step = checkpoints.latest_step()
+    directory = Path(workdir).absolute() / "checkpoints"
+    checkpoints = Checkpoints(directory, max_to_keep=1) if directory.is_dir() else None
+    step = None if checkpoints is None else checkpoints.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint under {checkpoints.directory}; train with dla_jax.main first")
+        raise FileNotFoundError(f"no checkpoint under {directory}; train with dla_jax.main first")
     metadata = checkpoints.read_metadata(step)
     config = ml_collections.ConfigDict(metadata["config"])
     data_info = metadata["data_info"]
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)
     try:
         step = export_run(FLAGS.workdir, FLAGS.out)
-    except (FileNotFoundError, CheckpointError) as err:
+    except (FileNotFoundError, CheckpointError, ExportFormatError) as err:
         print(f"dla_jax.export: {err}", file=sys.stderr)
         return 1
     print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}")

@@ -31,7 +31,8 @@ DATA_CONFIG_KEYS = ("image_size", "augment", "mean", "std")
 
 
 class ExportFormatError(ValueError):
-    """A directory that is not a complete export, an export record missing a field, or damaged variables."""
+    """A directory that is not a complete export, an export record missing a field, damaged
+    variables, or a path an export cannot be written to."""
 
 
 def _require(record: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
@@ -48,7 +49,11 @@ def save_export(
     _require(data_info, DATA_INFO_KEYS, "data_info")
     _require(data_info["data_config"], DATA_CONFIG_KEYS, "data_info['data_config']")
     path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = "it is a file" if path.is_file() else err.strerror or err
+        raise ExportFormatError(f"cannot write an export to {path}: {reason}; give a directory") from err
     arrays = jax.tree.map(
         np.asarray, jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
     )

@@ -127,6 +127,15 @@ def test_unreadable_pth_files_are_reported_with_what_to_do(tmp_path, capsys):
         assert message in _convert_cli(tmp_path / name, tmp_path, capsys), name
 
 
+def test_an_export_is_not_written_over_a_file(tmp_path, capsys):
+    out = tmp_path / "export"
+    out.write_text("notes")
+    argv = ["--torch-checkpoint", str(DATA / CIFAR["dla_l"]), "--family", "dla_l", "--layout", "cifar"]
+    assert convert_main([*argv, "--depth", "20", "--num-classes", "10", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write an export to {out}: it is a file; give a directory\n"
+    assert out.read_text() == "notes"
+
+
 def test_cli_writes_an_export_that_predicts_the_official_logits(tmp_path):
     out = tmp_path / "export"
     command = [sys.executable, "-m", "dla_jax.convert", "--torch-checkpoint", str(DATA / CIFAR["dla_b"])]

@@ -77,6 +77,12 @@ def test_loading_a_non_export_is_a_clear_error(tmp_path):
         inference.load(tmp_path)
 
 
+def test_exporting_an_untrained_workdir_names_the_fix_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under .*; train with dla_jax.main first"):
+        export_run(tmp_path / "never_trained", tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_damaged_export_is_refused(tmp_path):
     """Changed values or unreadable files: a one-line error that says to export again, no traceback."""
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path / "run")

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dla_jax.train import loop
-from dla_jax.train.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from dla_jax.train.checkpoint import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 
 from train_helpers import (
     cpu_env,
@@ -89,6 +89,14 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path)
     with pytest.raises(CheckpointMismatchError, match="family=dla_l.*family=resnet"):
         loop.train_and_evaluate(tiny_digits_config(train__num_steps=2, model__family="resnet"), tmp_path)
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("notes")
+    with pytest.raises(CheckpointError, match="is a file: give a directory"):
+        loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), workdir)
+    assert workdir.read_text() == "notes"
 
 
 def test_damaged_checkpoint_is_refused_with_the_step_to_resume_from(tmp_path):

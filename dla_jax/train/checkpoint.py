@@ -21,7 +21,7 @@ from dla_jax.train.state import TrainState
 
 
 class CheckpointError(ValueError):
-    """The latest checkpoint in the work directory cannot be resumed from."""
+    """The work directory cannot hold the run's checkpoints, or its latest one cannot be resumed from."""
 
 
 class CheckpointMismatchError(CheckpointError):

@@ -19,7 +19,7 @@ import optax
 
 from dla_jax import data, models, parallel
 from dla_jax.train import optim
-from dla_jax.train.checkpoint import Checkpoints, run_metadata
+from dla_jax.train.checkpoint import CheckpointError, Checkpoints, run_metadata
 from dla_jax.train.metrics import MetricsWriter, Progress, Throughput, mean_of, parameter_summary
 from dla_jax.train.state import TrainState, create_train_state
 from dla_jax.train.step import eval_step, train_step
@@ -120,14 +120,19 @@ def evaluate(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-    Raises ConfigError (bad config), data.DatasetNotFoundError (missing data),
-    CheckpointMismatchError (workdir holds another model) and CheckpointCorruptError (its latest
-    checkpoint is damaged) before any train step is compiled.
+    Raises ConfigError (bad config), data.DatasetNotFoundError (missing data), CheckpointError
+    (workdir is not a directory), CheckpointMismatchError (it holds another model) and
+    CheckpointCorruptError (its latest checkpoint is damaged) before any train step is compiled.
     """
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     is_main = parallel.is_main_process()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"--workdir {workdir} is a file: give a directory (it is made if missing)")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"--workdir {workdir} cannot be made: {err.strerror or err}") from err
     mesh = parallel.create_mesh(config.mesh)
     info = data.get_dataset_info(config.data)
     _check_fits(config, info)
