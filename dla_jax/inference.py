@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from dla_jax import data, models
 from dla_jax.export_format import load_export, save_export
 
-__all__ = ["Predictor", "load", "save_export"]
+__all__ = ["Predictor", "load", "read_images", "save_export"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,3 +49,15 @@ def load(path: str | os.PathLike) -> Predictor:
     model = models.from_config(model_config, model_config["num_classes"])
     predict = jax.jit(lambda variables, images: model.apply(variables, images, train=False).astype(jnp.float32))
     return Predictor(model=model, predict=predict, variables=variables, model_config=model_config, data_info=data_info)
+
+
+def read_images(image_paths: list[str | os.PathLike]) -> list[np.ndarray]:
+    """Each file as an RGB uint8 array; OSError naming the first file that is missing or not an image."""
+    images = []
+    for path in image_paths:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except OSError as err:  # missing, unreadable, or not an image PIL knows (UnidentifiedImageError)
+            raise OSError(f"cannot read image {path}: {err.strerror or err}") from err
+    return images

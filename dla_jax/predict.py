@@ -9,7 +9,6 @@ import sys
 import jax
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image
 
 from dla_jax import inference
 from dla_jax.export_format import ExportFormatError
@@ -18,18 +17,6 @@ flags.DEFINE_string("checkpoint", None, "Export directory.")
 flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
 flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
-
-
-def read_images(image_paths: list[str]) -> list[np.ndarray]:
-    """Each file as an RGB uint8 array; OSError naming the first file that is missing or not an image."""
-    images = []
-    for path in image_paths:
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("RGB")))
-        except OSError as err:  # missing, unreadable, or not an image PIL knows (UnidentifiedImageError)
-            raise OSError(f"cannot read image {path}: {err.strerror or err}") from err
-    return images
 
 
 def top_classes(predictor: inference.Predictor, images: list[np.ndarray], k: int) -> list[list[tuple[str, float]]]:
@@ -51,7 +38,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("give at least one image file")
     logging.set_verbosity(logging.WARNING)
     try:
-        images = read_images(image_paths)
+        images = inference.read_images(image_paths)
         predictor = inference.load(FLAGS.checkpoint)
     except (OSError, ExportFormatError) as err:
         print(f"dla_jax.predict: {err}", file=sys.stderr)

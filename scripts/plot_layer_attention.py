@@ -5,8 +5,9 @@ r"""Heat maps of the layer attention of a trained model, one row per stage, as a
 
 The model is an export (`python -m dla_jax.export` / `dla_jax.convert`) or a training
 work directory (its latest checkpoint is exported to a temporary directory first). The
-images come from the eval split of the dataset the model was trained on, or from files.
-Every value is averaged over the images.
+images come from the eval split of the dataset the model was trained on, or from files
+(which a converted checkpoint, trained on no dataset we know, needs). Every value is
+averaged over the images.
 
 What the columns show (static = the layer attention alone, dynamic = what the DSU adds):
 
@@ -60,14 +61,10 @@ def load_predictor(path: Path) -> inference.Predictor:
 def load_images(predictor: inference.Predictor, files: list[Path], num_images: int) -> np.ndarray:
     """Model input: the given image files, or the first `num_images` of the eval split."""
     if files:
-        from PIL import Image
-
-        size = predictor.data_info["image_shape"][:2]
-        channels = predictor.data_info["image_shape"][2]
-        mode = "L" if channels == 1 else "RGB"
-        raw = [np.asarray(Image.open(f).convert(mode).resize(tuple(size[::-1]))) for f in files]
-        return predictor.preprocess(np.stack(raw).astype(np.uint8))
+        return np.stack([predictor.preprocess(image) for image in inference.read_images(files)])
     data_config = ml_collections.ConfigDict(predictor.data_info["data_config"])
+    if "source" not in data_config:
+        raise ValueError("the model records no dataset (a converted official checkpoint): give --images FILE ...")
     batch = next(data.eval_batches(data_config, global_batch_size=num_images, process_index=0, process_count=1))
     return batch["image"][batch["mask"]]
 
@@ -170,8 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     if predictor.model_config["family"] == "resnet":
         print("plot_layer_attention: a plain ResNet has no layer attention to plot", file=sys.stderr)
         return 2
-    images = load_images(predictor, args.images, args.num_images)
-    plot(predictor, images, args.out, args.width, args.height)
+    try:
+        images = load_images(predictor, args.images, args.num_images)
+    except (OSError, ValueError) as err:
+        print(f"plot_layer_attention: {err}", file=sys.stderr)
+        return 1
+    try:
+        plot(predictor, images, args.out, args.width, args.height)
+    except OSError as err:
+        print(f"plot_layer_attention: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

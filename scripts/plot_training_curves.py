@@ -29,9 +29,23 @@ def metrics_file(path: Path) -> Path:
     return path if path.is_file() else path / "metrics.jsonl"
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of a metrics.jsonl (one JSON object per line, each with a `step`)."""
-    return [json.loads(line) for line in metrics_file(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path) -> tuple[list[dict[str, float]], int]:
+    """The records of a metrics.jsonl (one JSON object per line, each with a `step`), and how many
+    lines were skipped as not such records: a run that is still writing, or was killed, can
+    leave its last line torn."""
+    records, skipped = [], 0
+    for line in metrics_file(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
 
 
 def series(records: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
@@ -83,8 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [metrics_file(run).parent.name for run in args.runs]
     runs = {}
     for label, run in zip(labels, args.runs):
-        runs[label if label not in runs else f"{label} ({len(runs)})"] = read_metrics(run)
-    plot(runs, args.out, args.width, args.height)
+        records, skipped = read_metrics(run)
+        if skipped:
+            note = f"skipped {skipped} line(s) of {metrics_file(run)} that are not records"
+            print(f"plot_training_curves: {note}", file=sys.stderr)
+        runs[label if label not in runs else f"{label} ({len(runs)})"] = records
+    try:
+        plot(runs, args.out, args.width, args.height)
+    except OSError as err:
+        print(f"plot_training_curves: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

@@ -8,10 +8,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from PIL import Image
 
 from dla_jax import host_memory
+from dla_jax.convert import convert_checkpoint
+from dla_jax.data import open_source
 from dla_jax.train import loop
 
+from parity_fixtures import CIFAR, DATA
 from train_helpers import enable_compilation_cache, tiny_digits_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -216,27 +220,39 @@ def test_benchmark_ratios_pair_each_implementation_with_its_own_resnet():
     assert not any("train_vs_official" in r for r in official.values())
 
 
-def test_plots_from_a_short_training_run(tmp_path):
+def test_plots_from_a_short_training_run(tmp_path, capsys):
     workdir = tmp_path / "run"
-    loop.train_and_evaluate(tiny_digits_config(train__num_steps=2), workdir)
+    config = tiny_digits_config(train__num_steps=2)
+    loop.train_and_evaluate(config, workdir)
     attention = load_script("plot_layer_attention")
     out = tmp_path / "attention.png"
     assert (
         attention.main([str(workdir), "--out", str(out), "--num-images", "4", "--width", "640", "--height", "480"]) == 0
     )
     assert png_size(out) == (640, 480)
+    digit, not_an_image = tmp_path / "digit.png", tmp_path / "notes.png"
+    Image.fromarray(open_source(config.data, "test")[0][0][..., 0]).save(digit)  # digits are grayscale HxWx1
+    not_an_image.write_text("notes")
+    out = tmp_path / "attention_of_a_file.png"
+    assert attention.main([str(workdir), "--out", str(out), "--images", str(digit), "--height", "600"]) == 0
+    assert png_size(out) == (1200, 600)
+    assert attention.main([str(workdir), "--out", str(out), "--images", str(digit), str(not_an_image)]) == 1
+    assert f"cannot read image {not_an_image}" in capsys.readouterr().err
 
+    # A run still writing (or killed mid-line) leaves a torn last line: skipped, and said so.
     other = tmp_path / "other.jsonl"
     other.write_text(
         "\n".join(json.dumps({"step": s, "train_loss": 2.0 / s, "train_accuracy": 0.1 * s}) for s in (1, 2))
         + "\n"
         + json.dumps({"step": 2, "eval_loss": 1.5, "eval_top1": 0.3})
-        + "\n"
+        + '\n{"step": 3, "train_lo'
     )
     curves = load_script("plot_training_curves")
     out = tmp_path / "curves.png"
     assert curves.main([str(workdir), str(other), "--out", str(out), "--width", "800", "--height", "300"]) == 0
     assert png_size(out) == (800, 300)
+    assert f"skipped 1 line(s) of {other} that are not records" in capsys.readouterr().err
+    assert curves.read_metrics(other)[0][-1] == {"step": 2, "eval_loss": 1.5, "eval_top1": 0.3}
 
 
 def test_plot_scripts_reject_missing_inputs(tmp_path, capsys):
@@ -246,3 +262,9 @@ def test_plot_scripts_reject_missing_inputs(tmp_path, capsys):
     attention = load_script("plot_layer_attention")
     assert attention.main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
     assert "neither an export" in capsys.readouterr().err
+    # A converted official checkpoint knows no dataset to draw images from.
+    export = tmp_path / "converted"
+    model = dict(family="dla_l", layout="cifar", depth=20, num_classes=10, dsu_context="per_sample")
+    convert_checkpoint(str(DATA / CIFAR["dla_l"]), str(export), **model)
+    assert attention.main([str(export), "--out", str(tmp_path / "x.png")]) == 1
+    assert "records no dataset (a converted official checkpoint): give --images" in capsys.readouterr().err
