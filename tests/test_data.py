@@ -39,6 +39,11 @@ def take(iterator, n):
 # ---------------------------------------------------------------- sources
 
 
+def test_a_split_digits_lacks_is_named_with_the_fix():
+    with pytest.raises(data.DatasetNotFoundError, match="digits has splits 'train' and 'test', not 'validation'"):
+        data.get_dataset_info(make_config(eval_split="validation"))
+
+
 def test_digits_split_shapes_and_determinism():
     train, test = sources.open_digits("train"), sources.open_digits("test")
     assert (len(train), len(test)) == (1437, 360)
@@ -292,6 +297,12 @@ def test_tfds_real_array_record_dataset(tmp_path, monkeypatch):
         [b["image"][:, 0, 0, 0] for b in take(data.train_batches(config, global_batch_size=4, seed=0), 3)]
     )
     assert sorted(np.round(epoch).astype(int)) == list(range(12))
+    # A split the prepared dataset lacks: name its splits, do not ask to rebuild it.
+    config.eval_split = "validation"
+    with pytest.raises(data.DatasetNotFoundError) as e:
+        data.get_dataset_info(config)
+    assert "cannot give split 'validation'" in str(e.value) and str(e.value).endswith("its splits: test, train")
+    assert "tfds build" not in str(e.value)
 
 
 def test_unprepared_tfds_says_how_to_build_without_downloading(tmp_path):

@@ -38,7 +38,7 @@ DIGITS_NUM_TRAIN = 1437  # the last 360 of 1797 images (20%) form the test split
 
 
 class DatasetNotFoundError(ValueError):
-    """A dataset that is missing on disk; the message says how to get it."""
+    """A dataset missing on disk, or a split it lacks; the message says how to get or choose one."""
 
 
 class Source(Protocol):
@@ -111,6 +111,38 @@ def tfds_build_command(name: str, data_dir: str) -> str:
     return f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
 
 
+def _unreadable_tfds(builder: Any, name: str, split: str, root: str, error: Exception) -> str:
+    """Why tfds gave no data source, and the fix: prepare the dataset, rebuild it with random
+    access, or name one of its splits."""
+    from tensorflow_datasets.core.file_adapters import FileFormat
+
+    prepared = builder.is_prepared()
+    if prepared and builder.info.available_file_formats() & set(FileFormat.with_random_access()):
+        return (
+            f"tfds dataset {name!r} (prepared in {builder.data_dir}) cannot give split {split!r} ({error}); "
+            f"set config.data.train_split / eval_split to its splits: {', '.join(sorted(builder.info.splits))}"
+        )
+    if prepared:
+        why = (
+            f"tfds dataset {name!r} is prepared in {builder.data_dir} as "
+            f"{builder.info.file_format.value}, which has no random access; rebuild it "
+            f"as ArrayRecord (add --overwrite or use another data_dir):"
+        )
+    else:
+        why = f"tfds dataset {name!r} is not prepared in {root}. Prepare it once with:"
+    manual = (
+        " It needs a manual download first; add --manual_dir=<dir with the archives>."
+        if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+        else ""
+    )
+    # Where nothing is prepared, tfds's own message wrongly says it is prepared as TFRecord.
+    underlying = f" Underlying error: {error}" if prepared else ""
+    return (
+        f"{why}\n  {tfds_build_command(name, root)}\n(needs TensorFlow and the network at "
+        f"build time only).{manual}{underlying}"
+    )
+
+
 def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
     """Opens a prepared tfds dataset without ever downloading; explains how to prepare it."""
     import tensorflow_datasets as tfds
@@ -123,26 +155,7 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
     try:
         data_source = builder.as_data_source(split)
     except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
-        prepared = builder.is_prepared()
-        if prepared:
-            why = (
-                f"tfds dataset {name!r} is prepared in {builder.data_dir} as "
-                f"{builder.info.file_format.value}, which has no random access; rebuild it "
-                f"as ArrayRecord (add --overwrite or use another data_dir):"
-            )
-        else:
-            why = f"tfds dataset {name!r} is not prepared in {root}. Prepare it once with:"
-        manual = (
-            " It needs a manual download first; add --manual_dir=<dir with the archives>."
-            if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-            else ""
-        )
-        # Where nothing is prepared, tfds's own message wrongly says it is prepared as TFRecord.
-        underlying = f" Underlying error: {e}" if prepared else ""
-        raise DatasetNotFoundError(
-            f"{why}\n  {tfds_build_command(name, root)}\n(needs TensorFlow and the network at "
-            f"build time only).{manual}{underlying}"
-        ) from e
+        raise DatasetNotFoundError(_unreadable_tfds(builder, name, split, root, e)) from e
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     label = builder.info.features[label_key]
     names = list(label.names) if getattr(label, "names", None) else None
@@ -163,7 +176,9 @@ def open_digits(split: str) -> ArraySource:
     images, labels = _digits()
     parts = {"train": slice(0, DIGITS_NUM_TRAIN), "test": slice(DIGITS_NUM_TRAIN, None)}
     if split not in parts:
-        raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
+        raise DatasetNotFoundError(
+            f"digits has splits 'train' and 'test', not {split!r}: set config.data.train_split / eval_split"
+        )
     return ArraySource(images[parts[split]], labels[parts[split]], 10, [str(d) for d in range(10)])
 
 
