@@ -29,16 +29,23 @@ def define_process_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
 
 
-def start(argv: list[str]) -> None:
+def start(argv: list[str], *, program: str) -> None:
     """What these entry points do before any JAX computation: refuse stray arguments, quieten absl,
     keep freed memory (on the CPU), and join the other processes (from the process flags, or from a
-    cluster JAX recognises, or not at all)."""
+    cluster JAX recognises, or not at all); a failure to join is one line (exit 2 for the flags)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     host_memory.keep_freed_memory()
     values = flags.FLAGS
-    parallel.initialize_distributed(values.coordinator_address, values.num_processes, values.process_id)
+    try:
+        parallel.initialize_distributed(values.coordinator_address, values.num_processes, values.process_id)
+    except ValueError as err:
+        print(f"{program}: bad flag: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        print(f"{program}: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _unknown_field(err: BaseException) -> tuple[str, str]:

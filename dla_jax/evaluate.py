@@ -64,7 +64,7 @@ def evaluate_export(path: str | Path, config: ml_collections.ConfigDict) -> dict
 
 
 def main(argv: list[str]) -> int:
-    cli.start(argv)
+    cli.start(argv, program="dla_jax.evaluate")
 
     def evaluate_and_print() -> None:
         metrics = evaluate_export(FLAGS.checkpoint, FLAGS.config)

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    cli.start(argv)
+    cli.start(argv, program="dla_jax.main")
     train = functools.partial(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
     return cli.run_reporting("dla_jax.main", train, (DatasetNotFoundError, CheckpointError))
 

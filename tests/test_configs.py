@@ -86,6 +86,7 @@ QUICKSTART = "quickstart.py"
             "--config.model.famly=dla_l",
             "unknown config field 'famly' in --config.model.famly=dla_l; Did you mean \"family\"",
         ),
+        (QUICKSTART, "--num_processes=2", "bad flag: Give all of --coordinator_address, --num_processes and"),
         ("no_such_config.py", None, "no_such_config.py: [Errno 2] No such file or directory"),
         ("cifar10.py:dla_l", None, "ValueError: config argument must be 'family,depth', e.g. dla_l,110; got 'dla_l'"),
     ],
