@@ -80,11 +80,18 @@ def load_export(
     path = Path(path).absolute()
     record_path = path / "export.json"
     if not record_path.is_file() or not (path / "variables").is_dir():
-        raise ExportFormatError(
-            f"{path} is not a dla_jax export (expected export.json and variables/; "
-            "make one with `python -m dla_jax.export --workdir RUN --out EXPORT` or `python -m dla_jax.convert`)"
-        )
-    record = json.loads(record_path.read_text())
+        if (path / "checkpoints").is_dir():
+            made_by = f"it is a training workdir: export it with `python -m dla_jax.export --workdir {path} --out DIR`"
+        else:
+            made_by = "make one with `python -m dla_jax.export --workdir RUN --out DIR` or `python -m dla_jax.convert`"
+        raise ExportFormatError(f"{path} is not a dla_jax export (expected export.json and variables/; {made_by})")
+    again = "export it again (`python -m dla_jax.export` or `python -m dla_jax.convert`)"
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportFormatError(f"{record_path} is not valid JSON ({err}); {again}") from err
+    if not isinstance(record, dict):
+        record = {"format": record}
     if record.get("format") != FORMAT_NAME or record.get("version") != FORMAT_VERSION:
         raise ExportFormatError(
             f"{record_path} has format {record.get('format')!r} version {record.get('version')!r}; "
@@ -92,12 +99,13 @@ def load_export(
         )
     checkpointer = ocp.StandardCheckpointer()
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding),
-        checkpointer.metadata(path / "variables").item_metadata.tree,
-    )
-    again = "export it again (`python -m dla_jax.export` or `python -m dla_jax.convert`)"
     try:
+        metadata = restore_or_explain(lambda: checkpointer.metadata(path / "variables").item_metadata)
+        if metadata is None:
+            raise UnreadableError("the arrays' metadata is missing")
+        target = jax.tree.map(
+            lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), metadata.tree
+        )
         variables = restore_or_explain(lambda: checkpointer.restore(path / "variables", target))
     except UnreadableError as err:
         raise ExportFormatError(f"{path / 'variables'} cannot be read ({err}); {again}") from err

@@ -1,6 +1,7 @@
 """Export a trained run, load it for inference, evaluate it, and predict image files from the command line."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,14 @@ def test_damaged_export_is_refused(tmp_path):
     loop.train_and_evaluate(tiny_digits_config(train__num_steps=1), tmp_path / "run")
     export = tmp_path / "export"
     export_run(tmp_path / "run", export)
+    with pytest.raises(ExportFormatError, match="it is a training workdir: export it with `python -m dla_jax.export"):
+        inference.load(tmp_path / "run")
+    torn_record, no_metadata = shutil.copytree(export, tmp_path / "torn"), shutil.copytree(export, tmp_path / "bare")
+    (torn_record / "export.json").write_text((export / "export.json").read_text()[:40])
+    (no_metadata / "variables" / "_METADATA").unlink()
+    for damaged, reason in [(torn_record, "export.json is not valid JSON"), (no_metadata, "metadata is missing")]:
+        with pytest.raises(ExportFormatError, match=f"{reason}.*export it again"):
+            inference.load(damaged)
     variables, _, _ = load_export(export)
     overwrite_arrays(export / "variables", with_first_weight_changed(variables))
     with pytest.raises(ExportFormatError, match=r"is corrupt: 1 array\(s\) differ .*export it again"):
