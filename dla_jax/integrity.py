@@ -107,11 +107,15 @@ def restore_or_explain(restore: Callable[[], Restored]) -> Restored:
     return restored
 
 
+ROOT_CAUSE_CHARS = 300  # orbax's errors can embed a whole tree of restore arguments in one line
+
+
 def _root_cause(err: BaseException) -> str:
-    """The first line of the innermost error (tensorstore's, naming the array and the damage)."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    """The first line of the innermost error (tensorstore's, naming the array and the damage), cut short."""
+    while (inner := err.__cause__ or (None if err.__suppress_context__ else err.__context__)) is not None:
+        err = inner
+    line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return line if len(line) <= ROOT_CAUSE_CHARS else line[:ROOT_CAUSE_CHARS] + " ..."
 
 
 def _is_abandoned_read(text: str) -> bool:

@@ -113,6 +113,14 @@ def test_damaged_checkpoint_is_refused_with_the_step_to_resume_from(tmp_path):
     with pytest.raises(CheckpointCorruptError, match="its files cannot be read") as refused:
         loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path)
     assert str(refused.value).endswith(remedy)
+    (latest / "state" / "_METADATA").unlink()  # orbax's error then spells out the whole state tree
+    with pytest.raises(CheckpointCorruptError, match="its files cannot be read") as refused:
+        loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path)
+    assert str(refused.value).endswith(remedy) and len(str(refused.value)) < 600
+    (latest / "metadata" / "metadata").write_text('{"config": ')
+    with pytest.raises(CheckpointCorruptError, match=r"its metadata cannot be read \(Expecting value") as refused:
+        loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path)
+    assert str(refused.value).endswith(remedy)
     shutil.rmtree(latest)
     assert int(loop.train_and_evaluate(tiny_digits_config(train__num_steps=3), tmp_path).step) == 3
 

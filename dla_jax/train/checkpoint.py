@@ -95,7 +95,17 @@ class Checkpoints:
         )
 
     def read_metadata(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        """The metadata saved with checkpoint `step`; CheckpointCorruptError if it cannot be read."""
+        restore = functools.partial(
+            self._manager.restore, step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+        )
+        try:
+            metadata = restore_or_explain(restore)["metadata"]
+        except UnreadableError as err:
+            raise self._corrupt(step, f"its metadata cannot be read ({err})") from err
+        if not isinstance(metadata, dict):
+            raise self._corrupt(step, "its metadata is not the record this code saves")
+        return metadata
 
     def restore_latest(self, abstract_state: TrainState, expected_metadata: dict[str, Any]) -> TrainState | None:
         """The latest state, placed per `abstract_state`'s shardings; None if there is none.
