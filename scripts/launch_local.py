@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,6 +116,10 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        parser.error("--num_processes and --devices_per_process must be at least 1")
+    if shutil.which(command[0]) is None:
+        parser.error(f"{command[0]}: no such command")
     sys.exit(launch(command, args.num_processes, args.devices_per_process))
 
 

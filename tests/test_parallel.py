@@ -263,3 +263,12 @@ def test_launcher_stops_everyone_when_one_process_fails():
     assert result.returncode == 3
     assert "process 1 exited with 3" in result.stderr
     assert time.monotonic() - start < 30
+
+
+def test_launcher_refuses_a_command_it_cannot_start_before_starting_any():
+    for argv, message in [
+        (launch_local("no_such_command_xyz"), "no_such_command_xyz: no such command"),
+        (launch_local(sys.executable, "-c", "pass", num_processes=0), "must be at least 1"),
+    ]:
+        result = run_launcher(argv, cwd=REPO, timeout=60)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
