@@ -10,7 +10,6 @@ solid lines, eval metrics dashed with markers (they are written less often).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from dla_jax.train.metrics import read_records  # noqa: E402
 
 DPI = 100
 # (panel title, train key, eval key)
@@ -27,25 +28,6 @@ PANELS = (("loss", "train_loss", "eval_loss"), ("top-1 accuracy", "train_accurac
 def metrics_file(path: Path) -> Path:
     """`path` itself if it is a file, else the workdir's metrics.jsonl."""
     return path if path.is_file() else path / "metrics.jsonl"
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, float]], int]:
-    """The records of a metrics.jsonl (one JSON object per line, each with a `step`), and how many
-    lines were skipped as not such records: a run that is still writing, or was killed, can
-    leave its last line torn."""
-    records, skipped = [], 0
-    for line in metrics_file(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-        else:
-            skipped += 1
-    return records, skipped
 
 
 def series(records: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
@@ -97,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [metrics_file(run).parent.name for run in args.runs]
     runs = {}
     for label, run in zip(labels, args.runs):
-        records, skipped = read_metrics(run)
+        records, skipped = read_records(metrics_file(run))
         if skipped:
             note = f"skipped {skipped} line(s) of {metrics_file(run)} that are not records"
             print(f"plot_training_curves: {note}", file=sys.stderr)

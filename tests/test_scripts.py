@@ -252,7 +252,7 @@ def test_plots_from_a_short_training_run(tmp_path, capsys):
     assert curves.main([str(workdir), str(other), "--out", str(out), "--width", "800", "--height", "300"]) == 0
     assert png_size(out) == (800, 300)
     assert f"skipped 1 line(s) of {other} that are not records" in capsys.readouterr().err
-    assert curves.read_metrics(other)[0][-1] == {"step": 2, "eval_loss": 1.5, "eval_top1": 0.3}
+    assert curves.read_records(other)[0][-1] == {"step": 2, "eval_loss": 1.5, "eval_top1": 0.3}
 
 
 def test_plot_scripts_reject_missing_inputs(tmp_path, capsys):

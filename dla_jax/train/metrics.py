@@ -46,20 +46,32 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a metrics.jsonl (a JSON object with a `step` per line, as `MetricsWriter`
+    writes them), and how many lines were not such records: a run killed mid-write, or read
+    while it writes, can leave its last line torn."""
+    records, skipped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
+
+
 def _keep_records_up_to(path: Path, step: int) -> None:
     """Rewrites `path` (atomically) without the records after `step` and any torn last line."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line + "\n")
+    records, _ = read_records(path)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(kept))
+    partial.write_text("".join(json.dumps(record) + "\n" for record in records if record["step"] <= step))
     os.replace(partial, path)
 
 
